@@ -1,0 +1,147 @@
+"""Typed wrappers over ``torch.ops.adasmooth``, with their fake and autograd registrations.
+
+The kernels are C++/CUDA (``csrc/``); here the ops learn their output shapes (so
+``torch.compile`` traces through them) and their backward (the fused ``mix_backward`` op).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["mix", "mix_gamma"]
+
+
+def _as_weight(weight: Tensor | float, like: Tensor) -> Tensor:
+    """A Python number becomes a 0-d tensor of the logits' dtype and device."""
+    if isinstance(weight, Tensor):
+        return weight
+    return torch.tensor(float(weight), dtype=like.dtype, device=like.device)
+
+
+def mix(
+    std_logits: Tensor,
+    rob_logits: Tensor,
+    alpha: Tensor | float,
+    std_scale: float = 1.0,
+    rob_scale: float = 1.0,
+) -> Tensor:
+    """Mixed log-probabilities ``log((1 - α)·softmax(s_g·g) + α·softmax(s_h·h))``.
+
+    Evaluated in log space (never ``log`` of a sum of probabilities), so it stays finite, with
+    finite gradients, however large the logit gaps; ``α = 0`` / ``α = 1`` give exactly the
+    log-softmax of ``g`` / ``h``. The result is normalised (``logsumexp = 0``) and can replace
+    a model's logits anywhere, cross-entropy and attacks included.
+
+    Args:
+        std_logits: ``[B, C]`` logits of the accurate model ``g``.
+        rob_logits: ``[B, C]`` logits of the robust model ``h`` (same dtype and device).
+        alpha: weight of ``h`` in ``[0, 1]``: a number, a 0-d, ``[B]`` or ``[B, 1]`` tensor.
+        std_scale, rob_scale: positive temperatures ``s_g``, ``s_h`` applied to the logits.
+
+    Returns:
+        ``[B, C]`` mixed log-probabilities, differentiable in both logits and ``alpha``.
+    """
+    alpha = _as_weight(alpha, std_logits)
+    return torch.ops.adasmooth.mix.default(std_logits, rob_logits, alpha, std_scale, rob_scale)
+
+
+def mix_gamma(
+    std_logits: Tensor,
+    rob_logits: Tensor,
+    gamma: Tensor | float,
+    std_scale: float = 1.0,
+    rob_scale: float = 1.0,
+) -> Tensor:
+    """:func:`mix` with ``α = sigmoid(γ)``, the output of a policy network.
+
+    ``log α`` and ``log(1 - α)`` are taken as ``logsigmoid(±γ)``, which keeps the weights and
+    the gradient ``∂L/∂γ = Σ_k u_k (1 - w_k - α)`` exact even where ``sigmoid(γ)`` rounds to
+    0 or 1.
+    """
+    gamma = _as_weight(gamma, std_logits)
+    return torch.ops.adasmooth.mix_gamma.default(std_logits, rob_logits, gamma, std_scale, rob_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and the same shape/dtype checks as the kernels.
+
+
+def _check_mix_args(std_logits: Tensor, rob_logits: Tensor, weight: Tensor, name: str) -> None:
+    torch._check(
+        std_logits.dim() == 2 and rob_logits.dim() == 2,
+        lambda: f"adasmooth.mix: logits must be 2-D [B, C], got {tuple(std_logits.shape)} "
+        f"and {tuple(rob_logits.shape)}",
+    )
+    torch._check(
+        std_logits.shape == rob_logits.shape,
+        lambda: f"adasmooth.mix: std_logits {tuple(std_logits.shape)} and rob_logits "
+        f"{tuple(rob_logits.shape)} must have the same shape [B, C]",
+    )
+    torch._check(
+        std_logits.dtype.is_floating_point
+        and std_logits.dtype == rob_logits.dtype == weight.dtype,
+        lambda: f"adasmooth.mix: std_logits, rob_logits and {name} must share one floating "
+        f"dtype, got {std_logits.dtype}, {rob_logits.dtype} and {weight.dtype}",
+    )
+    batch = std_logits.shape[0]
+    torch._check(
+        weight.dim() == 0
+        or (weight.dim() == 1 and weight.shape[0] == batch)
+        or (weight.dim() == 2 and weight.shape[0] == batch and weight.shape[1] == 1),
+        lambda: f"adasmooth.mix: {name} must be 0-d, [B] or [B, 1] with B = {batch}, "
+        f"got {tuple(weight.shape)}",
+    )
+
+
+@torch.library.register_fake("adasmooth::mix")
+def _mix_fake(std_logits, rob_logits, alpha, std_scale=1.0, rob_scale=1.0):
+    _check_mix_args(std_logits, rob_logits, alpha, "alpha")
+    return torch.empty_like(std_logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("adasmooth::mix_gamma")
+def _mix_gamma_fake(std_logits, rob_logits, gamma, std_scale=1.0, rob_scale=1.0):
+    _check_mix_args(std_logits, rob_logits, gamma, "gamma")
+    return torch.empty_like(std_logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("adasmooth::mix_backward")
+def _mix_backward_fake(grad, std_logits, rob_logits, weight, std_scale, rob_scale, is_gamma):
+    _check_mix_args(std_logits, rob_logits, weight, "weight")
+    return (
+        torch.empty_like(std_logits, memory_format=torch.contiguous_format),
+        torch.empty_like(rob_logits, memory_format=torch.contiguous_format),
+        std_logits.new_empty(std_logits.shape[0]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: only the inputs are saved; the fused backward recomputes the row log-sum-exps.
+
+
+def _mix_setup_context(ctx, inputs, output):
+    std_logits, rob_logits, weight, std_scale, rob_scale = inputs
+    ctx.save_for_backward(std_logits, rob_logits, weight)
+    ctx.scales = (std_scale, rob_scale)
+
+
+def _mix_backward_for(is_gamma: bool):
+    def backward(ctx, grad):
+        std_logits, rob_logits, weight = ctx.saved_tensors
+        grad_std, grad_rob, grad_weight = torch.ops.adasmooth.mix_backward.default(
+            grad, std_logits, rob_logits, weight, *ctx.scales, is_gamma
+        )
+        # A weight shared by all rows (0-d) collects the gradient of every row.
+        grad_weight = grad_weight.sum() if weight.dim() == 0 else grad_weight.view(weight.shape)
+        return grad_std, grad_rob, grad_weight, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "adasmooth::mix", _mix_backward_for(False), setup_context=_mix_setup_context
+)
+torch.library.register_autograd(
+    "adasmooth::mix_gamma", _mix_backward_for(True), setup_context=_mix_setup_context
+)

@@ -1,0 +1,66 @@
+// Every adasmooth op's schema, in one place, and the pybind11 module that reports build info.
+//
+// Kernels live in cpu/ and cuda/ (TORCH_LIBRARY_IMPL per backend); autograd and fake
+// (meta) implementations are registered from Python in adasmooth_ext/ops.py.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef ADASMOOTH_VERSION
+#define ADASMOOTH_VERSION "0.0.0"
+#endif
+#ifndef ADASMOOTH_CUDA_ARCHS
+#define ADASMOOTH_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(adasmooth, m) {
+  // Mixed log-probabilities log((1-a)*softmax(s_g*g) + a*softmax(s_h*h)), computed in log space.
+  m.def(
+      "mix(Tensor std_logits, Tensor rob_logits, Tensor alpha, float std_scale=1.0, "
+      "float rob_scale=1.0) -> Tensor");
+  // The same with a = sigmoid(gamma), using logsigmoid for both weights.
+  m.def(
+      "mix_gamma(Tensor std_logits, Tensor rob_logits, Tensor gamma, float std_scale=1.0, "
+      "float rob_scale=1.0) -> Tensor");
+  // Fused backward of both: gradients for std_logits, rob_logits and the per-row weight [B]
+  // (d/dalpha, or d/dgamma when is_gamma). Recomputes the row log-sum-exps; saves nothing B x C.
+  m.def(
+      "mix_backward(Tensor grad, Tensor std_logits, Tensor rob_logits, Tensor weight, "
+      "float std_scale, float rob_scale, bool is_gamma) -> (Tensor, Tensor, Tensor)");
+}
+
+#ifndef WITH_CUDA
+// Built without CUDA kernels: say so plainly instead of the dispatcher's generic message.
+static void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(
+      false, op.schema().name(),
+      ": adasmooth was built without CUDA kernels, but a CUDA tensor was given. Reinstall with "
+      "a CUDA build of torch and nvcc available (set CUDA_HOME to the toolkit root, or "
+      "FORCE_CUDA=1): pip install --no-build-isolation .");
+}
+
+TORCH_LIBRARY_IMPL(adasmooth, CUDA, m) {
+  for (const char* name : {"mix", "mix_gamma", "mix_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
+  }
+}
+#endif
+
+static pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = ADASMOOTH_VERSION;
+#ifdef WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = ADASMOOTH_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  info["torch"] = TORCH_VERSION;
+  return info;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adasmooth compiled kernels (ops are registered under torch.ops.adasmooth)";
+  m.def("build_info", &build_info, "Package version, and whether/for which archs CUDA was built");
+}
