@@ -60,7 +60,9 @@ def mix_gamma(
     0 or 1.
     """
     gamma = _as_weight(gamma, std_logits)
-    return torch.ops.adasmooth.mix_gamma.default(std_logits, rob_logits, gamma, std_scale, rob_scale)
+    return torch.ops.adasmooth.mix_gamma.default(
+        std_logits, rob_logits, gamma, std_scale, rob_scale
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,27 +72,34 @@ def mix_gamma(
 def _check_mix_args(std_logits: Tensor, rob_logits: Tensor, weight: Tensor, name: str) -> None:
     torch._check(
         std_logits.dim() == 2 and rob_logits.dim() == 2,
-        lambda: f"adasmooth.mix: logits must be 2-D [B, C], got {tuple(std_logits.shape)} "
-        f"and {tuple(rob_logits.shape)}",
+        lambda: (
+            f"adasmooth.mix: logits must be 2-D [B, C], got {tuple(std_logits.shape)} "
+            f"and {tuple(rob_logits.shape)}"
+        ),
     )
     torch._check(
         std_logits.shape == rob_logits.shape,
-        lambda: f"adasmooth.mix: std_logits {tuple(std_logits.shape)} and rob_logits "
-        f"{tuple(rob_logits.shape)} must have the same shape [B, C]",
+        lambda: (
+            f"adasmooth.mix: std_logits {tuple(std_logits.shape)} and rob_logits "
+            f"{tuple(rob_logits.shape)} must have the same shape [B, C]"
+        ),
     )
     torch._check(
-        std_logits.dtype.is_floating_point
-        and std_logits.dtype == rob_logits.dtype == weight.dtype,
-        lambda: f"adasmooth.mix: std_logits, rob_logits and {name} must share one floating "
-        f"dtype, got {std_logits.dtype}, {rob_logits.dtype} and {weight.dtype}",
+        std_logits.dtype.is_floating_point and std_logits.dtype == rob_logits.dtype == weight.dtype,
+        lambda: (
+            f"adasmooth.mix: std_logits, rob_logits and {name} must share one floating "
+            f"dtype, got {std_logits.dtype}, {rob_logits.dtype} and {weight.dtype}"
+        ),
     )
     batch = std_logits.shape[0]
     torch._check(
         weight.dim() == 0
         or (weight.dim() == 1 and weight.shape[0] == batch)
         or (weight.dim() == 2 and weight.shape[0] == batch and weight.shape[1] == 1),
-        lambda: f"adasmooth.mix: {name} must be 0-d, [B] or [B, 1] with B = {batch}, "
-        f"got {tuple(weight.shape)}",
+        lambda: (
+            f"adasmooth.mix: {name} must be 0-d, [B] or [B, 1] with B = {batch}, "
+            f"got {tuple(weight.shape)}"
+        ),
     )
 
 

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DTYPES, HAS_CUDA, TOLERANCES
 
 import adasmooth_ext
 from adasmooth_ext import mix, mix_gamma
 from adasmooth_ext.reference import mix_gamma_reference, mix_reference, naive_mix
-from conftest import DTYPES, HAS_CUDA, TOLERANCES
 
 CLASSES = [1, 2, 10, 100, 1000, 32000]
 BATCHES = [0, 1, 7, 4096]
@@ -60,11 +60,15 @@ def test_forward_matches_reference(device, dtype, batch, classes, alpha_kind):
     out = mix(g, h, alpha)
     assert out.shape == (batch, classes) and out.dtype == dtype and out.device == g.device
     expected = mix_reference(g.double(), h.double(), alpha.double())
-    assert_close(out, expected, dtype, scale=max(1.0, expected.abs().max().item() if out.numel() else 1))
+    assert_close(
+        out, expected, dtype, scale=max(1.0, expected.abs().max().item() if out.numel() else 1)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("batch,classes", [(7, 1), (7, 2), (7, 10), (33, 100), (5, 1000), (3, 32000), (0, 10)])
+@pytest.mark.parametrize(
+    "batch,classes", [(7, 1), (7, 2), (7, 10), (33, 100), (5, 1000), (3, 32000), (0, 10)]
+)
 @pytest.mark.parametrize("alpha_kind", ["0", "1", "random"])
 def test_backward_matches_reference(device, dtype, batch, classes, alpha_kind):
     g = (2 * torch.randn(batch, classes, device=device)).to(dtype).requires_grad_()
@@ -72,7 +76,9 @@ def test_backward_matches_reference(device, dtype, batch, classes, alpha_kind):
     alpha = make_alpha(alpha_kind, batch, dtype, device).requires_grad_()
     grad_out = torch.randn(batch, classes, device=device).to(dtype)
     mix(g, h, alpha, 0.7, 1.3).backward(grad_out)
-    _, gg, gh, ga = reference_grads(mix_reference, g, h, alpha, grad_out, std_scale=0.7, rob_scale=1.3)
+    _, gg, gh, ga = reference_grads(
+        mix_reference, g, h, alpha, grad_out, std_scale=0.7, rob_scale=1.3
+    )
     if alpha_kind != "random":
         ga = alpha_grad_formula(g.detach(), h.detach(), alpha.detach(), grad_out, 0.7, 1.3)
     assert_close(g.grad, gg, dtype)
@@ -90,7 +96,9 @@ def test_gamma_entry_point(device, dtype, classes):
     grad_out = torch.randn(9, classes, device=device).to(dtype)
     out = mix_gamma(g, h, gamma, 2.0, 0.5)
     out.backward(grad_out)
-    ref, gg, gh, gw = reference_grads(mix_gamma_reference, g, h, gamma, grad_out, std_scale=2.0, rob_scale=0.5)
+    ref, gg, gh, gw = reference_grads(
+        mix_gamma_reference, g, h, gamma, grad_out, std_scale=2.0, rob_scale=0.5
+    )
     assert_close(out, ref, dtype)
     assert_close(g.grad, gg, dtype)
     assert_close(h.grad, gh, dtype)
@@ -124,8 +132,12 @@ def test_alpha_endpoints_are_log_softmax(device, alpha):
 def test_alpha_shapes_and_python_number(device):
     g, h = torch.randn(4, 8, device=device), torch.randn(4, 8, device=device)
     expected = mix_reference(g, h, 0.3)
-    for alpha in (0.3, torch.tensor(0.3, device=device), torch.full((4,), 0.3, device=device),
-                  torch.full((4, 1), 0.3, device=device)):
+    for alpha in (
+        0.3,
+        torch.tensor(0.3, device=device),
+        torch.full((4,), 0.3, device=device),
+        torch.full((4, 1), 0.3, device=device),
+    ):
         torch.testing.assert_close(mix(g, h, alpha), expected)
 
 
@@ -194,7 +206,9 @@ def test_extreme_logits_stay_finite_where_naive_fails(device, dtype, case):
         assert torch.isfinite(t.grad).all()
     # Still the right numbers: compare with the fp64 log-space reference.
     expected = mix_reference(g.double(), h.double(), alpha.double())
-    torch.testing.assert_close(out.double(), expected, rtol=TOLERANCES[dtype]["rtol"], atol=TOLERANCES[dtype]["atol"] * 1e4)
+    torch.testing.assert_close(
+        out.double(), expected, rtol=TOLERANCES[dtype]["rtol"], atol=TOLERANCES[dtype]["atol"] * 1e4
+    )
     # The true gradient on the target class's logit is nonzero: attacks are not stalled.
     assert fused_g.grad[:, 3].abs().max() > 0
 
@@ -225,7 +239,9 @@ def test_torch_compile_fullgraph(device):
     def loss_fn(g, h, gamma, labels):
         return F.nll_loss(mix_gamma(g, h, gamma, 1.0, 2.0), labels)
 
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(
+        loss_fn, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor"
+    )
     g = torch.randn(8, 12, device=device, requires_grad=True)
     h = torch.randn(8, 12, device=device, requires_grad=True)
     gamma = torch.randn(8, device=device, requires_grad=True)
@@ -258,7 +274,9 @@ def test_autograd_saves_no_batch_by_class_intermediate(device):
     inputs = {t.data_ptr() for t in (g, h, alpha)}
     assert saved, "the hook should see the saved inputs"
     for t in saved:
-        assert t.data_ptr() in inputs or t.numel() < batch * classes, f"saved {tuple(t.shape)} intermediate"
+        assert t.data_ptr() in inputs or t.numel() < batch * classes, (
+            f"saved {tuple(t.shape)} intermediate"
+        )
     out.sum().backward()
 
 
@@ -277,11 +295,42 @@ def test_empty_batch(device):
     [
         (lambda d: (torch.randn(3, 4, device=d), torch.randn(3, 5, device=d), 0.5), "same shape"),
         (lambda d: (torch.randn(3, 4, device=d), torch.randn(2, 4, device=d), 0.5), "same shape"),
-        (lambda d: (torch.randn(3, 4, device=d), torch.randn(3, 4, device=d), torch.rand(2, device=d)), "alpha must be 0-d"),
-        (lambda d: (torch.randn(3, 4, device=d), torch.randn(3, 4, device=d), torch.rand(3, 2, device=d)), "alpha must be 0-d"),
-        (lambda d: (torch.randn(3, 4, device=d), torch.randn(3, 4, device=d).double(), 0.5), "one dtype"),
-        (lambda d: (torch.randn(3, 4, device=d), torch.randn(3, 4, device=d), torch.rand(3, device=d).double()), "one dtype"),
-        (lambda d: (torch.ones(3, 4, dtype=torch.long, device=d), torch.ones(3, 4, dtype=torch.long, device=d), 0.5), "floating-point"),
+        (
+            lambda d: (
+                torch.randn(3, 4, device=d),
+                torch.randn(3, 4, device=d),
+                torch.rand(2, device=d),
+            ),
+            "alpha must be 0-d",
+        ),
+        (
+            lambda d: (
+                torch.randn(3, 4, device=d),
+                torch.randn(3, 4, device=d),
+                torch.rand(3, 2, device=d),
+            ),
+            "alpha must be 0-d",
+        ),
+        (
+            lambda d: (torch.randn(3, 4, device=d), torch.randn(3, 4, device=d).double(), 0.5),
+            "one dtype",
+        ),
+        (
+            lambda d: (
+                torch.randn(3, 4, device=d),
+                torch.randn(3, 4, device=d),
+                torch.rand(3, device=d).double(),
+            ),
+            "one dtype",
+        ),
+        (
+            lambda d: (
+                torch.ones(3, 4, dtype=torch.long, device=d),
+                torch.ones(3, 4, dtype=torch.long, device=d),
+                0.5,
+            ),
+            "floating-point",
+        ),
         (lambda d: (torch.randn(12, device=d), torch.randn(12, device=d), 0.5), "2-D"),
         (lambda d: (torch.randn(2, 3, 4, device=d), torch.randn(2, 3, 4, device=d), 0.5), "2-D"),
     ],
