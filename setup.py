@@ -114,7 +114,7 @@ def _extension():
 setup(
     name="adasmooth",
     version=VERSION,
-    description="Fast, correct adaptive smoothing (mixing accurate and robust classifiers) for PyTorch",
+    description="Fast, correct adaptive smoothing of an accurate and a robust classifier",
     packages=find_packages(include=["adasmooth_ext", "adasmooth_ext.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -251,7 +251,7 @@ def test_torch_compile_fullgraph(device):
     eager_loss = loss_fn(g, h, gamma, labels)
     eager_grads = torch.autograd.grad(eager_loss, (g, h, gamma))
     torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads):
+    for a, b in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
