@@ -4,6 +4,8 @@ Importing the package loads the compiled ops into ``torch.ops.adasmooth`` and re
 autograd and fake (meta) implementations.
 """
 
+import torch  # noqa: F401  (loads libtorch before the extension links against it)
+
 from . import _C
 from .ops import mix, mix_gamma
 

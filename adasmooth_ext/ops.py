@@ -116,7 +116,9 @@ def _mix_gamma_fake(std_logits, rob_logits, gamma, std_scale=1.0, rob_scale=1.0)
 
 
 @torch.library.register_fake("adasmooth::mix_backward")
-def _mix_backward_fake(grad, std_logits, rob_logits, weight, std_scale, rob_scale, is_gamma):
+def _mix_backward_fake(
+    grad, std_logits, rob_logits, weight, std_scale, rob_scale, is_gamma, weight_grad
+):
     _check_mix_args(std_logits, rob_logits, weight, "weight")
     return (
         torch.empty_like(std_logits, memory_format=torch.contiguous_format),
@@ -139,10 +141,14 @@ def _mix_backward_for(is_gamma: bool):
     def backward(ctx, grad):
         std_logits, rob_logits, weight = ctx.saved_tensors
         grad_std, grad_rob, grad_weight = torch.ops.adasmooth.mix_backward.default(
-            grad, std_logits, rob_logits, weight, *ctx.scales, is_gamma
+            grad, std_logits, rob_logits, weight, *ctx.scales, is_gamma, ctx.needs_input_grad[2]
         )
-        # A weight shared by all rows (0-d) collects the gradient of every row.
-        grad_weight = grad_weight.sum() if weight.dim() == 0 else grad_weight.view(weight.shape)
+        if not ctx.needs_input_grad[2]:
+            grad_weight = None
+        elif weight.dim() == 0:  # a weight shared by all rows collects every row's gradient
+            grad_weight = grad_weight.sum()
+        else:
+            grad_weight = grad_weight.view(weight.shape)
         return grad_std, grad_rob, grad_weight, None, None
 
     return backward

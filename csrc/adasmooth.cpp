@@ -23,10 +23,12 @@ TORCH_LIBRARY(adasmooth, m) {
       "mix_gamma(Tensor std_logits, Tensor rob_logits, Tensor gamma, float std_scale=1.0, "
       "float rob_scale=1.0) -> Tensor");
   // Fused backward of both: gradients for std_logits, rob_logits and the per-row weight [B]
-  // (d/dalpha, or d/dgamma when is_gamma). Recomputes the row log-sum-exps; saves nothing B x C.
+  // (d/dalpha, or d/dgamma when is_gamma; zeros unless weight_grad). Recomputes the row
+  // log-sum-exps, so nothing B x C is saved between forward and backward.
   m.def(
       "mix_backward(Tensor grad, Tensor std_logits, Tensor rob_logits, Tensor weight, "
-      "float std_scale, float rob_scale, bool is_gamma) -> (Tensor, Tensor, Tensor)");
+      "float std_scale, float rob_scale, bool is_gamma, bool weight_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef WITH_CUDA

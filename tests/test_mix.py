@@ -81,10 +81,14 @@ def test_backward_matches_reference(device, dtype, batch, classes, alpha_kind):
     )
     if alpha_kind != "random":
         ga = alpha_grad_formula(g.detach(), h.detach(), alpha.detach(), grad_out, 0.7, 1.3)
-    assert_close(g.grad, gg, dtype)
-    assert_close(h.grad, gh, dtype)
-    # d/dalpha sums over C classes: its rounding grows with the row's size.
-    assert_close(alpha.grad, ga, dtype, scale=max(1.0, ga.abs().max().item() if batch else 1))
+    # Gradients hold row sums over C classes: their rounding grows like sqrt(C) (PyTorch's own
+    # fp32 log_softmax backward errs just as much), so the tolerance does too.
+    row_sum = max(1.0, classes**0.5 / 10)
+    assert_close(g.grad, gg, dtype, scale=row_sum)
+    assert_close(h.grad, gh, dtype, scale=row_sum)
+    assert_close(
+        alpha.grad, ga, dtype, scale=row_sum * max(1.0, ga.abs().max().item() if batch else 1)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../mix_checks.h"
@@ -40,45 +41,97 @@ void log_weights(T weight, bool is_gamma, T& log_std, T& log_rob) {
   }
 }
 
-// dst[k] = scale * src[k], converted to the opmath type.
+// fp32 / fp64 rows are read in place; fp16 / bf16 rows are first widened into dst.
+template <typename scalar_t, typename T>
+const T* src_as_opmath(const scalar_t* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return src;
+  } else {
+    at::vec::convert(src, dst, n);
+    return dst;
+  }
+}
+
+// dst[k] = scale * src[k], in the opmath type.
 template <typename scalar_t, typename T>
 void load_scaled(const scalar_t* src, T* dst, int64_t n, T scale) {
   using Vec = at::vec::Vectorized<T>;
-  at::vec::convert(src, dst, n);
-  at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, dst, n);
+  const T* from = src_as_opmath(src, dst, n);
+  at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, from, n);
 }
 
+// Row log-sum-exp of x. Leaves exp(x_k - max) in e and returns 1 / sum of them in inv_sum, so
+// that softmax(x)_k = e_k * inv_sum costs no second exp.
 template <typename T>
-T log_sum_exp(const T* x, int64_t n) {
+T log_sum_exp(const T* x, T* e, int64_t n, T& inv_sum) {
   using Vec = at::vec::Vectorized<T>;
-  const T max = at::vec::reduce_all<T>(
+  const T max_x = at::vec::reduce_all<T>(
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
-  const T sum = at::vec::map_reduce_all<T>(
-      [max](Vec v) { return (v - Vec(max)).exp(); },
-      [](Vec a, Vec b) { return a + b; }, x, n);
-  return max + std::log(sum);
+  const Vec max(max_x);
+  Vec acc(0);
+  for (int64_t k = 0; k < n; k += Vec::size()) {
+    const int64_t m = std::min<int64_t>(Vec::size(), n - k);
+    const Vec ek = (Vec::loadu(x + k, m) - max).exp_u20();
+    ek.store(e + k, m);
+    acc += Vec::set(Vec(0), ek, m);  // lanes past m are not part of the row
+  }
+  const T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
+  inv_sum = T(1) / sum;
+  return max_x + std::log(sum);
+}
+
+// exp(-|d|): the ratio of the smaller share of a class's mixed probability to the larger.
+template <typename Vec>
+Vec ratio(Vec d) {
+  return d.abs().neg().exp_u20();
+}
+
+// log1p(x) for x in [0, 1], the only range logaddexp needs. In fp32, a short series
+// 2 atanh(t) = 2 t sum_k t^2k / (2k + 1), t = x / (2 + x) <= 1/3, is accurate to an ulp and
+// several times cheaper than the general Sleef log1p; fp64 keeps the library function.
+template <typename T>
+at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& x) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (!std::is_same_v<T, float>) {
+    return x.log1p();
+  } else {
+    const Vec t = x / (Vec(2.f) + x), t2 = t * t;
+    Vec series(1.f / 15);
+    for (const float c : {1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) {
+      series = at::vec::fmadd(series, t2, Vec(c));
+    }
+    return Vec(2.f) * t * series;
+  }
 }
 
 // logaddexp(a, b) = max + log1p(exp(-|a - b|)); exact when one side is -inf (a weight of 0).
 template <typename Vec>
 Vec log_add_exp(Vec a, Vec b) {
-  return at::vec::maximum(a, b) + (a - b).abs().neg().exp().log1p();
+  return at::vec::maximum(a, b) + log1p_unit(ratio(a - b));
 }
 
-// One row's scaled logits, normalisers and log weights: everything forward and backward share.
+// A row's scaled logits a = s_g g, b = s_h h, their exp(x - max), normalisers and log weights.
 template <typename T>
 struct Row {
-  T* g;  // s_g * std_logits
-  T* h;  // s_h * rob_logits
-  T lse_g, lse_h, log_std, log_rob;
+  std::vector<T> buf;
+  T *g, *h, *exp_g, *exp_h;
+  T lse_g, lse_h, inv_sum_g, inv_sum_h, log_std, log_rob;
+
+  explicit Row(int64_t C, int extra) : buf((4 + extra) * C) {
+    g = buf.data();
+    h = g + C;
+    exp_g = h + C;
+    exp_h = exp_g + C;
+  }
+  T* scratch(int i, int64_t C) { return buf.data() + (4 + i) * C; }
 
   template <typename scalar_t>
   void load(const scalar_t* g_src, const scalar_t* h_src, int64_t C, T s_g, T s_h, T weight,
             bool is_gamma) {
     load_scaled(g_src, g, C, s_g);
     load_scaled(h_src, h, C, s_h);
-    lse_g = log_sum_exp(g, C);
-    lse_h = log_sum_exp(h, C);
+    lse_g = log_sum_exp(g, exp_g, C, inv_sum_g);
+    lse_h = log_sum_exp(h, exp_h, C, inv_sum_h);
     log_weights(weight, is_gamma, log_std, log_rob);
   }
 };
@@ -95,24 +148,25 @@ void mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Te
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(3 * C);
-    Row<T> row{buf.data(), buf.data() + C};
-    T* z = buf.data() + 2 * C;
+    Row<T> row(C, 1);
+    T* z = row.scratch(0, C);
     for (int64_t r = begin; r < end; ++r) {
       row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), T(w_ptr[r * w_stride]), is_gamma);
-      const T shift_g = row.log_std - row.lse_g, shift_h = row.log_rob - row.lse_h;
-      at::vec::map2(
-          [=](Vec a, Vec b) { return log_add_exp(a + Vec(shift_g), b + Vec(shift_h)); }, z, row.g,
-          row.h, C);
+      const Vec shift_g(row.log_std - row.lse_g), shift_h(row.log_rob - row.lse_h);
+      at::vec::map2([=](Vec a, Vec b) { return log_add_exp(a + shift_g, b + shift_h); }, z, row.g,
+                    row.h, C);
       at::vec::convert(z, out_ptr + r * C, C);
     }
   });
 }
 
+// The shares of g and h in class k's mixed probability, w_k = exp(a_k - z_k) and
+// 1 - w_k = exp(b_k - z_k), are sigmoid(±(a_k - b_k)): one exp, no log, no z needed.
 template <typename scalar_t>
 void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at::Tensor& h,
                            const at::Tensor& w, at::Tensor& grad_g, at::Tensor& grad_h,
-                           at::Tensor& grad_w, double s_g, double s_h, bool is_gamma) {
+                           at::Tensor& grad_w, double s_g, double s_h, bool is_gamma,
+                           bool weight_grad) {
   using T = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<T>;
   const int64_t B = g.size(0), C = g.size(1), w_stride = w.numel() == 1 ? 0 : 1;
@@ -123,55 +177,60 @@ void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at
   scalar_t* gg_ptr = grad_g.mutable_data_ptr<scalar_t>();
   scalar_t* gh_ptr = grad_h.mutable_data_ptr<scalar_t>();
   scalar_t* gw_ptr = grad_w.mutable_data_ptr<scalar_t>();
+  const bool alpha_grad = weight_grad && !is_gamma;
+  const auto total = [](const Vec& v) {
+    return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
+  };
 
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(5 * C);
-    Row<T> row{buf.data(), buf.data() + C};
-    T* u = buf.data() + 2 * C;
-    T* share_g = buf.data() + 3 * C;  // w_k = exp(a_k - z_k), g's share of class k
-    T* share_h = buf.data() + 4 * C;  // 1 - w_k, computed as exp(b_k - z_k)
+    Row<T> row(C, 3);
+    T* u_buf = row.scratch(0, C);
+    T* u_share_g = row.scratch(1, C);  // u_k w_k, then dL/dg
+    T* u_share_h = row.scratch(2, C);  // u_k (1 - w_k), then dL/dh
     for (int64_t r = begin; r < end; ++r) {
       row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), T(w_ptr[r * w_stride]), is_gamma);
-      at::vec::convert(u_ptr + r * C, u, C);
-      const Vec lse_g(row.lse_g), lse_h(row.lse_h), log_std(row.log_std), log_rob(row.log_rob);
+      const T* u = src_as_opmath(u_ptr + r * C, u_buf, C);
+      // a_k - b_k = (g_k - lse_g + log(1 - alpha)) - (h_k - lse_h + log(alpha))
+      const Vec shift_g(row.log_std - row.lse_g), shift_h(row.log_rob - row.lse_h);
       Vec sum_u(0), sum_ug(0), sum_uh(0), sum_dalpha(0);
-      int64_t k = 0;
-      // Pass 1: shares and the four row sums. The tail is padded so that it contributes 0.
-      for (; k < C; k += Vec::size()) {
+      // Pass 1: shares and the row sums. Past C, loadu pads u with 0: no contribution.
+      for (int64_t k = 0; k < C; k += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec lp = Vec::loadu(row.g + k, n) - lse_g, lq = Vec::loadu(row.h + k, n) - lse_h;
-        const Vec a = lp + log_std, b = lq + log_rob, z = log_add_exp(a, b);
-        const Vec uk = Vec::loadu(u + k, n);  // zero past n
-        const Vec wg = (a - z).exp(), wh = (b - z).exp();
-        wg.store(share_g + k, n);
-        wh.store(share_h + k, n);
+        const Vec a = Vec::loadu(row.g + k, n) + shift_g, b = Vec::loadu(row.h + k, n) + shift_h;
+        const Vec e = ratio(a - b), big = (Vec(1) + e).reciprocal(), small = e * big;
+        const Vec g_wins = a >= b, uk = Vec::loadu(u + k, n);
+        const Vec ug = uk * Vec::blendv(small, big, g_wins);
+        const Vec uh = uk * Vec::blendv(big, small, g_wins);
+        ug.store(u_share_g + k, n);
+        uh.store(u_share_h + k, n);
         sum_u += uk;
-        sum_ug += uk * wg;
-        sum_uh += uk * wh;
-        if (!is_gamma) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
+        sum_ug += ug;
+        sum_uh += uh;
+        if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
+          const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
+          const Vec lp = Vec::loadu(row.g + k, n) - Vec(row.lse_g);
+          const Vec lq = Vec::loadu(row.h + k, n) - Vec(row.lse_h);
           const Vec dz = (lq - z).exp() - (lp - z).exp();
           sum_dalpha += Vec::blendv(Vec(0), uk * dz, uk != Vec(0));
         }
       }
-      const auto total = [](const Vec& v) {
-        return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
-      };
-      const T su = total(sum_u), sug = total(sum_ug), suh = total(sum_uh);
+      const T su = total(sum_u);
       // Pass 2: dL/dg_j = s_g (u_j w_j - p_j sum_k u_k w_k), likewise for h with 1 - w.
-      const Vec cg(sug), ch(suh), sg(static_cast<T>(s_g)), sh(static_cast<T>(s_h));
-      for (k = 0; k < C; k += Vec::size()) {
+      const Vec cg(total(sum_ug) * row.inv_sum_g * T(s_g)), ch(total(sum_uh) * row.inv_sum_h * T(s_h));
+      const Vec sg(static_cast<T>(s_g)), sh(static_cast<T>(s_h));
+      for (int64_t k = 0; k < C; k += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec uk = Vec::loadu(u + k, n);
-        const Vec p = (Vec::loadu(row.g + k, n) - lse_g).exp();
-        const Vec q = (Vec::loadu(row.h + k, n) - lse_h).exp();
-        (sg * (uk * Vec::loadu(share_g + k, n) - p * cg)).store(share_g + k, n);
-        (sh * (uk * Vec::loadu(share_h + k, n) - q * ch)).store(share_h + k, n);
+        const Vec dg = sg * Vec::loadu(u_share_g + k, n) - cg * Vec::loadu(row.exp_g + k, n);
+        const Vec dh = sh * Vec::loadu(u_share_h + k, n) - ch * Vec::loadu(row.exp_h + k, n);
+        dg.store(u_share_g + k, n);
+        dh.store(u_share_h + k, n);
       }
-      at::vec::convert(share_g, gg_ptr + r * C, C);
-      at::vec::convert(share_h, gh_ptr + r * C, C);
+      at::vec::convert(u_share_g, gg_ptr + r * C, C);
+      at::vec::convert(u_share_h, gh_ptr + r * C, C);
       // dL/dgamma = sum_k u_k (1 - w_k - alpha) with alpha = exp(log_rob).
-      gw_ptr[r] = static_cast<scalar_t>(is_gamma ? suh - std::exp(row.log_rob) * su
-                                                 : total(sum_dalpha));
+      const T suh = total(sum_uh);
+      gw_ptr[r] = static_cast<scalar_t>(
+          is_gamma ? suh - std::exp(row.log_rob) * su : (alpha_grad ? total(sum_dalpha) : T(0)));
     }
   });
 }
@@ -215,7 +274,8 @@ at::Tensor mix_gamma_cpu(const at::Tensor& std_logits, const at::Tensor& rob_log
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward_cpu(
     const at::Tensor& grad, const at::Tensor& std_logits, const at::Tensor& rob_logits,
-    const at::Tensor& weight, double std_scale, double rob_scale, bool is_gamma) {
+    const at::Tensor& weight, double std_scale, double rob_scale, bool is_gamma,
+    bool weight_grad) {
   const char* op = "adasmooth.mix_backward";
   at::Tensor w = check_mix_inputs(op, std_logits, rob_logits, weight, "weight", std_scale,
                                   rob_scale)
@@ -232,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward_cpu(
                                   [&] {
                                     mix_backward_cpu_impl<scalar_t>(u, g, h, w, grad_g, grad_h,
                                                                     grad_w, std_scale, rob_scale,
-                                                                    is_gamma);
+                                                                    is_gamma, weight_grad);
                                   });
   return {grad_g, grad_h, grad_w};
 }

@@ -78,7 +78,7 @@ __global__ void mix_backward_warp_kernel(const scalar_t* __restrict__ grad,
                                          scalar_t* __restrict__ grad_w, int64_t B, int64_t C,
                                          at::opmath_type<scalar_t> s_g,
                                          at::opmath_type<scalar_t> s_h, bool is_gamma,
-                                         int width) {
+                                         bool alpha_grad, int width) {
   using T = at::opmath_type<scalar_t>;
   constexpr int VEC = vec_size<scalar_t, N>();
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / width;
@@ -104,7 +104,7 @@ __global__ void mix_backward_warp_kernel(const scalar_t* __restrict__ grad,
     const T lp = gs[i] - lse_g, lq = hs[i] - lse_h;
     const T a = lp + log_std, b = lq + log_rob, z = log_add_exp(a, b);
     const T wg = exp(a - z), wh = exp(b - z);
-    if (!is_gamma && u[i] != T(0)) sum_dalpha += u[i] * (exp(lq - z) - exp(lp - z));
+    if (alpha_grad && u[i] != T(0)) sum_dalpha += u[i] * (exp(lq - z) - exp(lp - z));
     sum_u += u[i];
     sum_ug += u[i] * wg;
     sum_uh += u[i] * wh;
@@ -190,7 +190,8 @@ __global__ void mix_backward_block_kernel(const scalar_t* __restrict__ grad,
                                           scalar_t* __restrict__ grad_h,
                                           scalar_t* __restrict__ grad_w, int64_t C,
                                           at::opmath_type<scalar_t> s_g,
-                                          at::opmath_type<scalar_t> s_h, bool is_gamma) {
+                                          at::opmath_type<scalar_t> s_h, bool is_gamma,
+                                          bool alpha_grad) {
   using T = at::opmath_type<scalar_t>;
   constexpr int VEC = vec_size<scalar_t, 16>();
   __shared__ T smem[kWarpSize];
@@ -225,7 +226,7 @@ __global__ void mix_backward_block_kernel(const scalar_t* __restrict__ grad,
     for (int j = 0; j < VEC; ++j) {
       T lp, lq, z, wg, wh;
       shares(x[j], y[j], lp, lq, z, wg, wh);
-      if (!is_gamma && u[j] != T(0)) sum_dalpha += u[j] * (exp(lq - z) - exp(lp - z));
+      if (alpha_grad && u[j] != T(0)) sum_dalpha += u[j] * (exp(lq - z) - exp(lp - z));
       sum_u += u[j];
       sum_ug += u[j] * wg;
       sum_uh += u[j] * wh;
@@ -334,7 +335,8 @@ at::Tensor mix_gamma_cuda(const at::Tensor& std_logits, const at::Tensor& rob_lo
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward_cuda(
     const at::Tensor& grad, const at::Tensor& std_logits, const at::Tensor& rob_logits,
-    const at::Tensor& weight, double std_scale, double rob_scale, bool is_gamma) {
+    const at::Tensor& weight, double std_scale, double rob_scale, bool is_gamma,
+    bool weight_grad) {
   const char* op = "adasmooth.mix_backward";
   const at::Tensor w =
       check_mix_inputs(op, std_logits, rob_logits, weight, "weight", std_scale, rob_scale)
@@ -351,6 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward_cuda(
   at::Tensor grad_w = at::empty({g.size(0)}, g.options());
   if (g.numel() == 0) return {grad_g, grad_h, grad_w.zero_()};
   const int64_t B = g.size(0), C = g.size(1), w_stride = w.numel() == 1 ? 0 : 1;
+  const bool alpha_grad = weight_grad && !is_gamma;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mix_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -367,11 +370,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward_cuda(
         mix_backward_warp_kernel<scalar_t, decltype(n)::value>
             <<<warp_kernel_blocks(B, width), kWarpKernelThreads, 0, stream>>>(
                 up, gp, hp, wp, w_stride, ggp, ghp, gwp, B, C, T(std_scale), T(rob_scale),
-                is_gamma, width);
+                is_gamma, alpha_grad, width);
       });
     } else {
       mix_backward_block_kernel<scalar_t><<<B, kBlockKernelThreads, 0, stream>>>(
-          up, gp, hp, wp, w_stride, ggp, ghp, gwp, C, T(std_scale), T(rob_scale), is_gamma);
+          up, gp, hp, wp, w_stride, ggp, ghp, gwp, C, T(std_scale), T(rob_scale), is_gamma,
+          alpha_grad);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
