@@ -19,9 +19,11 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $@
 
-build: setup
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps setup.py tools/build_flags.py $(wildcard csrc/*.* csrc/*/*.*)
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	$(BIN)/python -m adasmooth_ext info
+	touch $@
 
 demo: build
 	$(BIN)/python -m adasmooth_ext demo
