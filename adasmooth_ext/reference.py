@@ -17,6 +17,12 @@ def _per_row(weight: Tensor | float, like: Tensor) -> Tensor:
     return weight.reshape(-1, 1) if weight.dim() > 0 else weight
 
 
+def _mix_log_weights(std_logits, rob_logits, log_std, log_rob, std_scale, rob_scale) -> Tensor:
+    a = log_std + F.log_softmax(std_scale * std_logits, dim=-1)
+    b = log_rob + F.log_softmax(rob_scale * rob_logits, dim=-1)
+    return torch.logaddexp(a, b)
+
+
 def mix_reference(
     std_logits: Tensor,
     rob_logits: Tensor,
@@ -26,9 +32,9 @@ def mix_reference(
 ) -> Tensor:
     """Stable log-space mixture, DESIGN.md §1, from stock torch ops."""
     alpha = _per_row(alpha, std_logits)
-    a = torch.log1p(-alpha) + F.log_softmax(std_scale * std_logits, dim=-1)
-    b = torch.log(alpha) + F.log_softmax(rob_scale * rob_logits, dim=-1)
-    return torch.logaddexp(a, b)
+    return _mix_log_weights(
+        std_logits, rob_logits, torch.log1p(-alpha), torch.log(alpha), std_scale, rob_scale
+    )
 
 
 def mix_gamma_reference(
@@ -40,9 +46,9 @@ def mix_gamma_reference(
 ) -> Tensor:
     """The mixture with ``α = sigmoid(γ)``, weights from ``logsigmoid``."""
     gamma = _per_row(gamma, std_logits)
-    a = F.logsigmoid(-gamma) + F.log_softmax(std_scale * std_logits, dim=-1)
-    b = F.logsigmoid(gamma) + F.log_softmax(rob_scale * rob_logits, dim=-1)
-    return torch.logaddexp(a, b)
+    return _mix_log_weights(
+        std_logits, rob_logits, F.logsigmoid(-gamma), F.logsigmoid(gamma), std_scale, rob_scale
+    )
 
 
 def naive_mix(
