@@ -35,6 +35,10 @@ struct Max {
   template <typename T>
   __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
+struct Min {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a < b ? a : b; }
+};
 
 // Reduction over the whole block (blockDim.x a multiple of 32, at most 1024); every thread
 // gets the same result. `smem` holds at least 32 values. The per-warp partials are combined by
