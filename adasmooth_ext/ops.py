@@ -186,7 +186,8 @@ def lipschitz_certify(
     (adaptive-smoothing Theorem 1, mixing-classifiers Theorem 3.5), whatever the accurate
     model ``g`` does. The radius is 0 wherever ``α ≤ 1/(1 + q_i − q_k)`` for some ``k``, ``α = 0``
     included; with a single class (``C = 1``) nothing can change the prediction: margin 1,
-    radius ``+inf``. ``L_k`` bounds ``q_k`` (after ``rob_scale``), not the logits.
+    radius ``+inf``. ``L_k`` bounds ``q_k`` (after ``rob_scale``), not the logits. A row with NaN
+    logits gets a NaN margin and radius 0: nothing is certified that cannot be shown.
 
     Args:
         rob_logits: ``[B, C]`` logits of the robust model ``h``.

@@ -206,6 +206,18 @@ def test_ties_pick_the_first_class(device):
     assert (margin == 0).all() and (radius == 0).all()
 
 
+def test_nan_logits_certify_nothing(device):
+    logits = torch.randn(4, 37, device=device)
+    logits[1, 5] = float("nan")
+    logits[2] = float("nan")
+    alpha = torch.ones(4, device=device)
+    pred, margin, radius = lipschitz_certify(logits, alpha, 0.5)
+    assert margin[1:3].isnan().all() and (radius[1:3] == 0).all()
+    assert ((pred >= 0) & (pred < 37)).all()
+    expected = lipschitz_certify_reference(logits[[0, 3]], alpha[[0, 3]], 0.5)
+    torch.testing.assert_close(radius[[0, 3]], expected[2])
+
+
 def test_non_contiguous_inputs(device):
     logits = torch.randn(40, 9, device=device).t()[:, ::2]  # [9, 20], strided
     alpha = torch.rand(9, 2, device=device)[:, 0]

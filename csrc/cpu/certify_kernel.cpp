@@ -1,7 +1,8 @@
-// CPU kernels of lipschitz_certify (DESIGN.md §2): one row per task, rows in parallel
-// (at::parallel_for), each row staged in a thread-local opmath buffer (fp32 for fp16/bf16).
-// Per row: one pass for h's top two classes, one vectorised log-sum-exp, and, with per-class
-// Lipschitz constants, one vectorised pass for the radius against every competitor.
+// CPU kernels of lipschitz_certify (DESIGN.md §2): rows in parallel (at::parallel_for), each
+// processed with ATen's Vectorized math in opmath (fp16/bf16 rows are first converted to fp32).
+// Per row: one pass for h's top two logits, one for exp(s_h * (h - max)) into a thread-local
+// buffer (L1-resident from then on), and with per-class Lipschitz constants one more for the
+// radius against every competitor. Backward recomputes the row and writes s q_l (v_l - <v, q>).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../certify_checks.h"
@@ -21,59 +24,125 @@
 namespace adasmooth {
 namespace {
 
-// What forward and backward need to know about one row of s_h * rob_logits.
+// What forward and backward need to know about one row.
 template <typename T>
 struct RowCertificate {
   int64_t i = 0;   // h's prediction (first index of the largest logit)
   int64_t j = -1;  // runner-up, -1 when C = 1
   int64_t k = -1;  // competitor that attains the radius, -1 when C = 1
-  T lse = 0, q_i = 1, q_j = 0, q_k = 0, lip_sum = 1;
+  T q_i = 1, q_j = 0, q_k = 0, lip_sum = 1, inv_sum = 1;  // q = e * inv_sum
   T radius = std::numeric_limits<T>::infinity();  // unclamped; +inf when C = 1
 };
 
-// `x`: the row's scaled logits; `lip`: opmath Lipschitz constants, [C] when per_class else [1];
-// `work`: C scratch values.
+// The largest and second largest of x[0, C), C >= 2 (equal on a tie), in one vectorised pass:
+// each lane keeps its own top two, and the lanes' tops are merged at the end.
 template <typename T>
-RowCertificate<T> certify_row(const T* x, int64_t C, T alpha, const T* lip, bool per_class,
-                              T* work) {
+std::pair<T, T> top_two(const T* x, int64_t C) {
   using Vec = at::vec::Vectorized<T>;
-  RowCertificate<T> row;
-  for (int64_t c = 1; c < C; ++c) {
-    if (x[c] > x[row.i]) {
-      row.j = row.i;
-      row.i = c;
-    } else if (row.j < 0 || x[c] > x[row.j]) {
-      row.j = c;
+  constexpr T kLow = -std::numeric_limits<T>::infinity();
+  T first = kLow, second = kLow;
+  const auto push = [&](T v) {
+    if (v > first) {
+      second = first;
+      first = v;
+    } else if (v > second) {
+      second = v;
     }
+  };
+  int64_t c = 0;
+  if (C >= Vec::size()) {
+    Vec top(kLow), runner_up(kLow);
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      const Vec v = Vec::loadu(x + c);
+      runner_up = at::vec::maximum(runner_up, at::vec::minimum(top, v));
+      top = at::vec::maximum(top, v);
+    }
+    T lanes[2 * Vec::size()];
+    top.store(lanes);
+    runner_up.store(lanes + Vec::size());
+    for (const T v : lanes) push(v);
   }
-  const T top = x[row.i];
-  row.lse = top + std::log(at::vec::map_reduce_all<T>(
-                      [top](Vec v) { return (v - Vec(top)).exp(); },
-                      [](Vec a, Vec b) { return a + b; }, x, C));
-  row.q_i = std::exp(top - row.lse);
-  if (row.j < 0) return row;
+  for (; c < C; ++c) push(x[c]);
+  return {first, second};
+}
 
+// The first index c in [begin, C) with x[c] == value, or C.
+template <typename T>
+int64_t find_first(const T* x, int64_t begin, int64_t C, T value) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int kAllLanes = (1 << Vec::size()) - 1;
+  int64_t c = begin;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    const int equal = ~(Vec::loadu(x + c) == Vec(value)).zero_mask() & kAllLanes;
+    if (equal) return c + __builtin_ctz(equal);
+  }
+  for (; c < C; ++c) {
+    if (x[c] == value) return c;
+  }
+  return C;
+}
+
+// e[c] = exp(scale (x[c] − top)) for c in [0, C), and their sum, in one pass.
+template <typename T>
+T exp_and_sum(const T* x, int64_t C, T top, T scale, T* e) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec sum(0);
+  for (int64_t c = 0; c < C; c += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+    const Vec v = Vec::set(Vec(0), ((Vec::loadu(x + c, n) - Vec(top)) * Vec(scale)).exp(), n);
+    v.store(e + c, n);
+    sum += v;
+  }
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum);
+}
+
+// `x`: the row's logits (opmath, before the scale); `lip`: opmath Lipschitz constants, [C] when
+// per_class else [1]. Leaves q = softmax(scale * x) in `e` as e * row.inv_sum; `work` (C values)
+// is scratch.
+template <typename T>
+RowCertificate<T> certify_row(const T* x, int64_t C, T scale, T alpha, const T* lip,
+                              bool per_class, T* e, T* work) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  RowCertificate<T> row;
+  if (C == 1) {
+    e[0] = 1;
+    return row;
+  }
+  const auto [top, second] = top_two(x, C);  // scale > 0 keeps the order
+  row.i = find_first(x, 0, C, top);
+  row.j = find_first(x, second == top ? row.i + 1 : 0, C, second);
+  if (row.i == C || row.j == C) {  // NaN logits hide the order: stay in bounds (margin NaN)
+    row.i = 0;
+    row.j = 1;
+  }
+  row.inv_sum = 1 / exp_and_sum(x, C, top, scale, e);
+  row.q_i = e[row.i] * row.inv_sum;
+  row.q_j = row.q_k = e[row.j] * row.inv_sum;
   const T lip_i = lip[per_class ? row.i : 0];
   row.k = row.j;
-  row.q_j = row.q_k = std::exp(x[row.j] - row.lse);
   row.lip_sum = lip_i + lip[per_class ? row.j : 0];
   row.radius = pair_radius(row.q_i, row.q_j, alpha, row.lip_sum);
   // The runner-up has the smallest numerator; only when it is positive can another class,
   // with a larger Lipschitz constant, give a smaller positive radius.
   if (per_class && row.radius > 0) {
-    const Vec v_alpha(alpha), v_qi(row.q_i), v_lse(row.lse), v_lip_i(lip_i);
-    at::vec::map2(
-        [=](Vec xk, Vec lip_k) {
-          return pair_radius(v_qi, (xk - v_lse).exp(), v_alpha, v_lip_i + lip_k);
-        },
-        work, x, lip, C);
-    work[row.i] = std::numeric_limits<T>::infinity();
-    const T min = at::vec::reduce_all<T>(
-        [](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, work, C);
-    row.k = std::find(work, work + C, min) - work;
-    row.q_k = std::exp(x[row.k] - row.lse);
+    const Vec v_alpha(alpha), v_qi(row.q_i), v_lip_i(lip_i), v_inv(row.inv_sum);
+    const T e_i = e[row.i];
+    e[row.i] = -kInf;  // q = -inf makes i's own "radius" +inf (alpha > 0 here): out of the min
+    Vec best(kInf);
+    for (int64_t c = 0; c < C; c += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+      const Vec q = Vec::loadu(e + c, n) * v_inv, lip_c = Vec::loadu(lip + c, n);
+      const Vec r = Vec::set(Vec(kInf), pair_radius(v_qi, q, v_alpha, v_lip_i + lip_c), n);
+      r.store(work + c, n);
+      best = at::vec::minimum(best, r);
+    }
+    e[row.i] = e_i;
+    row.radius = at::vec::vec_reduce_all<T>(
+        [](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, best);
+    row.k = find_first(work, 0, C, row.radius);
+    row.q_k = e[row.k] * row.inv_sum;
     row.lip_sum = lip_i + lip[row.k];
-    row.radius = min;
   }
   return row;
 }
@@ -83,21 +152,30 @@ int64_t grain_rows(int64_t C) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 }
 
-// Per-thread buffers: the row's scaled logits, scratch, and the Lipschitz constants in opmath.
+// Per-thread buffers: e (q up to its normaliser), scratch, the Lipschitz constants in opmath,
+// and for fp16/bf16 the row converted to fp32 (fp32/fp64 rows are read in place).
 template <typename scalar_t>
 struct Buffers {
   using T = at::opmath_type<scalar_t>;
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
   std::vector<T> data;
-  T *x, *work, *lip;
+  T *e, *work, *lip, *converted;
 
   Buffers(int64_t C, const scalar_t* lip_src, int64_t lip_numel)
-      : data(2 * C + lip_numel), x(data.data()), work(x + C), lip(work + C) {
+      : data((kConvert ? 3 : 2) * C + lip_numel),
+        e(data.data()),
+        work(e + C),
+        lip(work + C),
+        converted(lip + lip_numel) {
     at::vec::convert(lip_src, lip, lip_numel);
   }
-  void load(const scalar_t* row, int64_t C, T scale) {
-    using Vec = at::vec::Vectorized<T>;
-    at::vec::convert(row, x, C);
-    at::vec::map([scale](Vec v) { return v * Vec(scale); }, x, x, C);
+  const T* row(const scalar_t* src, int64_t C) {
+    if constexpr (kConvert) {
+      at::vec::convert(src, converted, C);
+      return converted;
+    } else {
+      return src;
+    }
   }
 };
 
@@ -117,12 +195,11 @@ void certify_forward_impl(const at::Tensor& h, const at::Tensor& alpha, const at
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
     Buffers<scalar_t> buf(C, lip.const_data_ptr<scalar_t>(), lip.numel());
     for (int64_t r = begin; r < end; ++r) {
-      buf.load(h_ptr + r * C, C, T(scale));
-      const auto row =
-          certify_row(buf.x, C, T(a_ptr[r * a_stride]), buf.lip, per_class, buf.work);
+      const auto row = certify_row(buf.row(h_ptr + r * C, C), C, T(scale), T(a_ptr[r * a_stride]),
+                                   buf.lip, per_class, buf.e, buf.work);
       pred_ptr[r] = row.i;
       margin_ptr[r] = static_cast<scalar_t>(row.q_i - row.q_j);
-      radius_ptr[r] = static_cast<scalar_t>(std::max(row.radius, T(0)));
+      radius_ptr[r] = static_cast<scalar_t>(row.radius > 0 ? row.radius : T(0));  // NaN too
     }
   });
 }
@@ -146,9 +223,9 @@ void certify_backward_impl(const at::Tensor& grad_margin, const at::Tensor& grad
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
     Buffers<scalar_t> buf(C, lip.const_data_ptr<scalar_t>(), lip.numel());
     for (int64_t r = begin; r < end; ++r) {
-      buf.load(h_ptr + r * C, C, s);
       const T a = T(a_ptr[r * a_stride]);
-      const auto row = certify_row(buf.x, C, a, buf.lip, per_class, buf.work);
+      const auto row =
+          certify_row(buf.row(h_ptr + r * C, C), C, s, a, buf.lip, per_class, buf.e, buf.work);
       // margin = q_i − q_j and radius = f(q_i − q_k, α): both are <v, q> for a vector v that
       // is nonzero at i, j, k only, so dL/dh_l = s q_l (v_l − <v, q>).
       const T u_m = row.j < 0 ? T(0) : T(gm_ptr[r]);
@@ -156,8 +233,7 @@ void certify_backward_impl(const at::Tensor& grad_margin, const at::Tensor& grad
       const T u_r = T(gr_ptr[r]) * dr.dq;
       const T dot = u_m * (row.q_i - row.q_j) + u_r * (row.q_i - row.q_k);
       T* g = buf.work;
-      at::vec::map(
-          [=](Vec xl) { return Vec(-s * dot) * (xl - Vec(row.lse)).exp(); }, g, buf.x, C);
+      at::vec::map([=](Vec e) { return Vec(-s * dot * row.inv_sum) * e; }, g, buf.e, C);
       g[row.i] += s * row.q_i * (u_m + u_r);
       if (row.j >= 0) {
         g[row.j] -= s * row.q_j * u_m;

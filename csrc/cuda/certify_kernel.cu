@@ -102,7 +102,10 @@ __device__ RowCertificate<at::opmath_type<scalar_t>> certify_row(
   const int64_t wi = had_i ? i2 : i1;
   const T second = grp.reduce(w, Max());
   row.j = grp.index_of(w, wi, second);
-  if (row.j == kNoIndex) row.j = -1;
+  if (row.i == kNoIndex || row.j == kNoIndex) {  // C = 1, or NaN logits: stay in bounds
+    row.i = row.i == kNoIndex ? 0 : row.i;
+    row.j = C == 1 ? -1 : (row.i == 0 ? 1 : 0);
+  }
   const T sum = grp.reduce(acc.max == neg_inf<T>() ? T(0) : acc.sum * exp(acc.max - top), Sum());
   row.lse = top + log(sum);
   row.q_i = exp(top - row.lse);
@@ -165,7 +168,7 @@ __global__ void certify_forward_kernel(const scalar_t* __restrict__ h,
   if (valid && grp.rank() == 0) {
     pred[r] = row.i;
     margin[r] = static_cast<scalar_t>(row.q_i - row.q_j);
-    radius[r] = static_cast<scalar_t>(row.radius > T(0) ? row.radius : T(0));
+    radius[r] = static_cast<scalar_t>(row.radius > T(0) ? row.radius : T(0));  // NaN too
   }
 }
 
