@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .ops import LipschitzCertificate, lipschitz_certify
 
 __all__ = [
+    "ABSTAIN",
     "LipschitzCertificate",
     "SmoothedCertificate",
     "certified_accuracy",
@@ -43,7 +44,7 @@ __all__ = [
     "smoothing_curves",
 ]
 
-ABSTAIN = -1
+ABSTAIN = -1  # the prediction of a smoothed classifier that cannot decide
 
 
 def policy_lipschitz_certify(
