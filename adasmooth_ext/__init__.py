@@ -4,10 +4,10 @@ Importing the package loads the compiled ops into ``torch.ops.adasmooth`` and re
 autograd and fake (meta) implementations.
 """
 
-import torch  # noqa: F401  (loads libtorch before the extension links against it)
+import torch  # noqa: F401  (loads libtorch, which the compiled _C links against)
 
 from . import _C
-from .ops import mix, mix_gamma
+from .ops import LipschitzCertificate, lipschitz_certify, mix, mix_gamma
 
 __version__: str = _C.build_info()["version"]
 
@@ -17,4 +17,11 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["__version__", "build_info", "mix", "mix_gamma"]
+__all__ = [
+    "LipschitzCertificate",
+    "__version__",
+    "build_info",
+    "lipschitz_certify",
+    "mix",
+    "mix_gamma",
+]

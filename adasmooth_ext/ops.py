@@ -6,10 +6,12 @@ The kernels are C++/CUDA (``csrc/``); here the ops learn their output shapes (so
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["mix", "mix_gamma"]
+__all__ = ["LipschitzCertificate", "lipschitz_certify", "mix", "mix_gamma"]
 
 
 def _as_weight(weight: Tensor | float, like: Tensor) -> Tensor:
@@ -159,4 +161,138 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "adasmooth::mix_gamma", _mix_backward_for(True), setup_context=_mix_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Certified robustness (DESIGN.md §2): h's margin and the mix's Lipschitz certified radius.
+
+
+class LipschitzCertificate(NamedTuple):
+    """Per row: ``pred`` (h's prediction, int64), ``margin`` (``q_i - q_j``), ``radius``."""
+
+    pred: Tensor
+    margin: Tensor
+    radius: Tensor
+
+
+def lipschitz_certify(
+    rob_logits: Tensor,
+    alpha: Tensor | float,
+    lipschitz: Tensor | float,
+    rob_scale: float = 1.0,
+) -> LipschitzCertificate:
+    """h's prediction and margin, and the mixed classifier's certified radius, in one pass.
+
+    With ``q = softmax(s_h·h)``, prediction ``i``, runner-up ``j`` and each ``q_k``
+    ``L_k``-Lipschitz in some ℓp norm, the mix keeps predicting ``i`` for every ``‖δ‖_p ≤``
+
+        radius = max(0, min_{k≠i} (α(q_i − q_k) + α − 1) / (α(L_i + L_k)))
+
+    (adaptive-smoothing Theorem 1, mixing-classifiers Theorem 3.5), whatever the accurate
+    model ``g`` does. The radius is 0 wherever ``α ≤ 1/(1 + q_i − q_k)`` for some ``k``, ``α = 0``
+    included; with a single class (``C = 1``) nothing can change the prediction: margin 1,
+    radius ``+inf``. ``L_k`` bounds ``q_k`` (after ``rob_scale``), not the logits. A row with NaN
+    logits gets a NaN margin and radius 0: nothing is certified that cannot be shown.
+
+    Args:
+        rob_logits: ``[B, C]`` logits of the robust model ``h``.
+        alpha: weight of ``h`` in ``[0, 1]``: a number, 0-d, ``[B]`` or ``[B, 1]``.
+        lipschitz: positive Lipschitz constants of ``q``: a number, 0-d or ``[C]``.
+        rob_scale: positive temperature ``s_h``.
+
+    Returns:
+        ``pred`` ``[B]`` int64, and ``margin``, ``radius`` ``[B]`` in the logits' dtype.
+        Margin and radius are differentiable in the logits and ``alpha`` (not in
+        ``lipschitz``); the radius' gradient flows to the minimising class and is 0 where the
+        radius is clamped at 0. Invalid ``alpha`` or ``lipschitz`` values raise (one host sync).
+    """
+    alpha = _as_weight(alpha, rob_logits)
+    lipschitz = _as_weight(lipschitz, rob_logits)
+    return LipschitzCertificate(
+        *torch.ops.adasmooth.lipschitz_certify.default(rob_logits, alpha, lipschitz, rob_scale)
+    )
+
+
+def _check_certify_args(rob_logits: Tensor, alpha: Tensor, lipschitz: Tensor) -> None:
+    torch._check(
+        rob_logits.dim() == 2,
+        lambda: (
+            f"adasmooth.lipschitz_certify: rob_logits must be 2-D [B, C], got "
+            f"{tuple(rob_logits.shape)}"
+        ),
+    )
+    torch._check(
+        rob_logits.dtype.is_floating_point and rob_logits.dtype == alpha.dtype == lipschitz.dtype,
+        lambda: (
+            f"adasmooth.lipschitz_certify: rob_logits, alpha and lipschitz must share one "
+            f"floating dtype, got {rob_logits.dtype}, {alpha.dtype} and {lipschitz.dtype}"
+        ),
+    )
+    batch, classes = rob_logits.shape
+    torch._check(
+        alpha.dim() == 0
+        or (alpha.dim() == 1 and alpha.shape[0] == batch)
+        or (alpha.dim() == 2 and alpha.shape[0] == batch and alpha.shape[1] == 1),
+        lambda: (
+            f"adasmooth.lipschitz_certify: alpha must be 0-d, [B] or [B, 1] with B = "
+            f"{batch}, got {tuple(alpha.shape)}"
+        ),
+    )
+    torch._check(
+        lipschitz.dim() == 0 or (lipschitz.dim() == 1 and lipschitz.shape[0] == classes),
+        lambda: (
+            f"adasmooth.lipschitz_certify: lipschitz must be 0-d or [C] with C = "
+            f"{classes}, got {tuple(lipschitz.shape)}"
+        ),
+    )
+
+
+@torch.library.register_fake("adasmooth::lipschitz_certify")
+def _lipschitz_certify_fake(rob_logits, alpha, lipschitz, rob_scale=1.0):
+    _check_certify_args(rob_logits, alpha, lipschitz)
+    batch = rob_logits.shape[0]
+    return (
+        rob_logits.new_empty(batch, dtype=torch.int64),
+        rob_logits.new_empty(batch),
+        rob_logits.new_empty(batch),
+    )
+
+
+@torch.library.register_fake("adasmooth::lipschitz_certify_backward")
+def _lipschitz_certify_backward_fake(
+    grad_margin, grad_radius, rob_logits, alpha, lipschitz, rob_scale
+):
+    _check_certify_args(rob_logits, alpha, lipschitz)
+    return (
+        torch.empty_like(rob_logits, memory_format=torch.contiguous_format),
+        rob_logits.new_empty(rob_logits.shape[0]),
+    )
+
+
+def _lipschitz_certify_setup_context(ctx, inputs, output):
+    rob_logits, alpha, lipschitz, rob_scale = inputs
+    ctx.save_for_backward(rob_logits, alpha, lipschitz)
+    ctx.rob_scale = rob_scale
+
+
+def _lipschitz_certify_backward(ctx, grad_pred, grad_margin, grad_radius):
+    rob_logits, alpha, lipschitz = ctx.saved_tensors
+    zeros = rob_logits.new_zeros(rob_logits.shape[0])
+    grad_logits, grad_alpha = torch.ops.adasmooth.lipschitz_certify_backward.default(
+        zeros if grad_margin is None else grad_margin,
+        zeros if grad_radius is None else grad_radius,
+        rob_logits,
+        alpha,
+        lipschitz,
+        ctx.rob_scale,
+    )
+    grad_alpha = grad_alpha.sum() if alpha.dim() == 0 else grad_alpha.view(alpha.shape)
+    return grad_logits, grad_alpha, None, None
+
+
+torch.library.register_autograd(
+    "adasmooth::lipschitz_certify",
+    _lipschitz_certify_backward,
+    setup_context=_lipschitz_certify_setup_context,
 )

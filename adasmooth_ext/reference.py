@@ -64,3 +64,32 @@ def naive_mix(
         rob_scale * rob_logits, -1
     )
     return torch.log(probs)
+
+
+def lipschitz_certify_reference(
+    rob_logits: Tensor,
+    alpha: Tensor | float,
+    lipschitz: Tensor | float,
+    rob_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """h's prediction, margin and the mix's Lipschitz radius (DESIGN.md §2) from stock ops.
+
+    Differentiable like the fused op: the radius' gradient goes to the minimising class and is
+    0 where the radius is clamped at 0 (``α = 0`` included, without NaN).
+    """
+    q = torch.softmax(rob_scale * rob_logits, dim=-1)
+    batch, classes = q.shape
+    alpha = _per_row(alpha, q).expand(batch, 1)
+    lipschitz = torch.as_tensor(lipschitz, dtype=q.dtype, device=q.device).expand(classes)
+    if classes == 1:
+        ones = q[:, 0]
+        return torch.zeros_like(ones, dtype=torch.int64), ones, torch.full_like(ones, torch.inf)
+    pred = q.argmax(dim=-1, keepdim=True)  # the first of tied maxima, as the kernels
+    q_i = q.gather(1, pred)
+    q_j = q.scatter(1, pred, -torch.inf).max(dim=-1).values
+    positive = alpha > 0
+    safe_alpha = torch.where(positive, alpha, 1)  # keeps the masked-out branch finite
+    pair = (safe_alpha * (q_i - q) + safe_alpha - 1) / (safe_alpha * (lipschitz[pred] + lipschitz))
+    radius = pair.scatter(1, pred, torch.inf).min(dim=-1).values  # over k != i
+    radius = torch.where(positive.squeeze(1) & (radius > 0), radius, 0)
+    return pred.squeeze(1), q_i.squeeze(1) - q_j, radius

@@ -29,6 +29,20 @@ TORCH_LIBRARY(adasmooth, m) {
       "mix_backward(Tensor grad, Tensor std_logits, Tensor rob_logits, Tensor weight, "
       "float std_scale, float rob_scale, bool is_gamma, bool weight_grad) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // ---- Certified robustness (DESIGN.md §2) ----
+  // Per row of the robust model's logits: h's prediction (int64), its margin q_i - q_j of
+  // q = softmax(s_h*h), and the mixed classifier's Lipschitz certified radius
+  // max(0, min_{k != i} (a(q_i - q_k) + a - 1) / (a(L_i + L_k))). alpha is 0-d, [B] or [B, 1];
+  // lipschitz is 0-d (one constant) or [C]. C = 1 gives margin 1 and radius +inf.
+  m.def(
+      "lipschitz_certify(Tensor rob_logits, Tensor alpha, Tensor lipschitz, float rob_scale=1.0) "
+      "-> (Tensor pred, Tensor margin, Tensor radius)");
+  // Its fused backward: gradients for rob_logits and the per-row alpha [B] (pred has none; the
+  // radius has none where it is clamped at 0). Recomputes the row; saves nothing B x C.
+  m.def(
+      "lipschitz_certify_backward(Tensor grad_margin, Tensor grad_radius, Tensor rob_logits, "
+      "Tensor alpha, Tensor lipschitz, float rob_scale) -> (Tensor grad_logits, Tensor grad_alpha)");
 }
 
 #ifndef WITH_CUDA
@@ -42,7 +56,8 @@ static void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }
 
 TORCH_LIBRARY_IMPL(adasmooth, CUDA, m) {
-  for (const char* name : {"mix", "mix_gamma", "mix_backward"}) {
+  for (const char* name : {"mix", "mix_gamma", "mix_backward", "lipschitz_certify",
+                           "lipschitz_certify_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }

@@ -15,6 +15,15 @@ inline void check_logits(const at::Tensor& t, const char* op, const char* name) 
       t.scalar_type());
 }
 
+// A weight shared by all rows (0-d) or one per row ([B] or [B, 1]).
+inline void check_row_weight(const at::Tensor& w, int64_t B, const char* op, const char* name) {
+  const bool per_row = (w.dim() == 1 && w.size(0) == B) ||
+      (w.dim() == 2 && w.size(0) == B && w.size(1) == 1);
+  TORCH_CHECK(
+      w.dim() == 0 || per_row, op, ": ", name, " must be 0-d, [B] or [B, 1] with B = ", B,
+      ", got shape ", w.sizes());
+}
+
 // Checks the mix inputs and returns the weight flattened to [1] or [B].
 inline at::Tensor check_mix_inputs(
     const char* op,
@@ -39,11 +48,7 @@ inline at::Tensor check_mix_inputs(
       ": std_logits, rob_logits and ", weight_name, " must be on one device, got ",
       std_logits.device(), ", ", rob_logits.device(), " and ", weight.device());
   const int64_t B = std_logits.size(0);
-  const bool per_row = (weight.dim() == 1 && weight.size(0) == B) ||
-      (weight.dim() == 2 && weight.size(0) == B && weight.size(1) == 1);
-  TORCH_CHECK(
-      weight.dim() == 0 || per_row, op, ": ", weight_name, " must be 0-d, [B] or [B, 1] with B = ",
-      B, ", got shape ", weight.sizes());
+  check_row_weight(weight, B, op, weight_name);
   TORCH_CHECK(
       B == 0 || std_logits.size(1) > 0, op, ": logits need at least one class, got shape ",
       std_logits.sizes());

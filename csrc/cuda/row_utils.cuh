@@ -35,9 +35,14 @@ struct Max {
   template <typename T>
   __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
+struct Min {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a < b ? a : b; }
+};
 
 // Reduction over the whole block (blockDim.x a multiple of 32, at most 1024); every thread
-// gets the result. `smem` holds at least 32 values.
+// gets the same result. `smem` holds at least 32 values. The per-warp partials are combined by
+// every thread in the same order (no identity element needed, and a sum counts each warp once).
 template <typename T, typename Op>
 __device__ __forceinline__ T block_reduce(T v, Op op, T* smem) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -46,8 +51,9 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T* smem) {
   __syncthreads();  // smem may still be read by a previous reduction
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  v = smem[lane < warps ? lane : 0];
-  return group_reduce(v, kWarpSize, op);
+  v = smem[0];
+  for (int w = 1; w < warps; ++w) v = op(v, smem[w]);
+  return v;
 }
 
 // Running (max, sum of exp(x - max)) pair of an online log-sum-exp.
