@@ -5,7 +5,8 @@ autograd and fake (meta) implementations.
 """
 
 from . import _C
-from .ops import mix, mix_gamma
+from .mixed import MixedClassifier, MixedOutput
+from .ops import mix, mix_gamma, pgd_step_
 
 __version__: str = _C.build_info()["version"]
 
@@ -15,4 +16,12 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["__version__", "build_info", "mix", "mix_gamma"]
+__all__ = [
+    "MixedClassifier",
+    "MixedOutput",
+    "__version__",
+    "build_info",
+    "mix",
+    "mix_gamma",
+    "pgd_step_",
+]
