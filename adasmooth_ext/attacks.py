@@ -161,9 +161,11 @@ def _require_eval(module: nn.Module, what: str) -> None:
 
 
 def _per_sample(value: Tensor | float, x: Tensor, what: str) -> Tensor:
-    """``value`` as a ``[B]`` tensor on ``x``'s device, checked finite and ``≥ 0``."""
+    """``value`` as a ``[B]`` tensor on ``x``'s device, checked finite and ``≥ 0``; in float32
+    (float64 for float64 inputs) so that half-precision inputs keep exact radii."""
     batch = x.shape[0]
-    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t = torch.as_tensor(value, dtype=dtype, device=x.device)
     if t.dim() == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
@@ -343,7 +345,7 @@ class Attack:
             delta = direction * (radius / direction.flatten(1).norm(dim=1).clamp_min(1e-12)).view(
                 shape
             )
-        return (x0 + delta).clamp(*self.box)
+        return (x0 + delta).clamp(*self.box).to(x0.dtype)
 
     def _step_(self, x: Tensor, x0: Tensor, grad: Tensor, eps: Tensor, step: Tensor | float):
         return pgd_step_(x, x0, grad, eps, step, self.norm, self.box)
@@ -425,7 +427,8 @@ class APGD(Attack):
         else:
             t = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             scale = t.flatten(1).norm(dim=1)
-        return (x0 + t * (eps / scale.clamp_min(1e-12)).view(shape)).clamp(*self.box)
+        delta = t * (eps / scale.clamp_min(1e-12)).view(shape)
+        return (x0 + delta).clamp(*self.box).to(x0.dtype)
 
     def _step_sizes(self, eps, x):
         return 2 * eps

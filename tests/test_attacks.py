@@ -4,6 +4,7 @@ The models (scikit-learn's bundled 8x8 digits, pixels in [0, 1]) train in second
 module-scoped fixture; attack budgets are small where the point still holds.
 """
 
+import copy
 import importlib.util
 
 import pytest
@@ -321,6 +322,18 @@ def test_attacks_respect_ball_box_and_seed(models, test_set, cls, norm, eps):
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert accuracy(mixed, x_adv, y) < accuracy(mixed, x, y)
         torch.testing.assert_close(attack(mixed, x, y), x_adv, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [PGD, APGD])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_other_input_dtypes(models, test_set, cls, dtype):
+    g, h = (copy.deepcopy(m).to(dtype) for m in models)
+    mixed = MixedClassifier(g, h, alpha=0.5)
+    x, y = test_set[0][:64].to(dtype), test_set[1][:64]
+    x_adv = cls(eps=0.1, steps=5)(mixed, x, y)
+    assert x_adv.dtype == dtype
+    assert (x_adv - x).abs().max() <= 0.1 + torch.finfo(dtype).eps
+    assert accuracy(mixed, x_adv, y) < accuracy(mixed, x, y)
 
 
 def test_targeted_apgd_at_least_as_strong_as_one_target(models, test_set):

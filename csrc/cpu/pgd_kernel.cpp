@@ -1,6 +1,6 @@
 // CPU kernels of pgd_step_ (DESIGN.md §4): samples in parallel (at::parallel_for), each sample
-// streamed in chunks staged in thread-local opmath buffers (fp32 for fp16/bf16) and processed
-// with ATen's Vectorized math. The gradient may have its own dtype. l2 fuses its norms: one read
+// streamed in chunks processed with ATen's Vectorized math in the opmath type (fp16/bf16 chunks
+// are staged in thread-local fp32 buffers; fp32/fp64 are read and written in place). The gradient may have its own dtype. l2 fuses its norms: one read
 // pass collects |g|^2, <d, g> and |d|^2 (d = x - x0), which give |d + c g| in closed form, and
 // one write pass applies the step, the projection and the box.
 
@@ -10,6 +10,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "../pgd_checks.h"
 
@@ -23,16 +25,28 @@ int64_t grain_samples(int64_t n) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
 }
 
-// One chunk of x, x0 and grad, converted to the opmath type T.
+// src as opmath T: in place when it already is, else converted into buf.
+template <typename T, typename src_t>
+const T* as_opmath(const src_t* src, T* buf, int64_t n) {
+  if constexpr (std::is_same_v<src_t, T>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+// One chunk of x, x0 and grad as opmath T; only half-precision inputs are staged in buffers.
 template <typename T>
-struct Staged {
-  T x[kChunk], x0[kChunk], g[kChunk];
+struct Chunk {
+  T x_buf[kChunk], x0_buf[kChunk], g_buf[kChunk];
+  const T *x, *x0, *g;
 
   template <typename scalar_t, typename grad_t>
   void load(const scalar_t* x_src, const scalar_t* x0_src, const grad_t* g_src, int64_t n) {
-    at::vec::convert(x_src, x, n);
-    at::vec::convert(x0_src, x0, n);
-    at::vec::convert(g_src, g, n);
+    x = as_opmath(x_src, x_buf, n);
+    x0 = as_opmath(x0_src, x0_buf, n);
+    g = as_opmath(g_src, g_buf, n);
   }
 };
 
@@ -58,18 +72,22 @@ void pgd_step_cpu_impl(at::Tensor& x, const at::Tensor& x0, const at::Tensor& gr
   const Vec box_lo(static_cast<T>(lo)), box_hi(static_cast<T>(hi));
 
   at::parallel_for(0, B, grain_samples(N), [&](int64_t begin, int64_t end) {
-    Staged<T> buf;
+    Chunk<T> chunk;
     for (int64_t b = begin; b < end; ++b) {
       scalar_t* xb = x_ptr + b * N;
       const scalar_t* x0b = x0_ptr + b * N;
       const grad_t* gb = g_ptr + b * N;
       const T e = eps_ptr[b * eps_stride], s = step_ptr[b * step_stride];
-      // Applies out = op(x, x0, g) chunk by chunk and writes it back to x.
+      // Applies x = op(x, x0, g) chunk by chunk.
       const auto write_pass = [&](const auto& op) {
         for_each_chunk(N, [&](int64_t off, int64_t n) {
-          buf.load(xb + off, x0b + off, gb + off, n);
-          at::vec::map3(op, buf.x, buf.x, buf.x0, buf.g, n);
-          at::vec::convert(buf.x, xb + off, n);
+          chunk.load(xb + off, x0b + off, gb + off, n);
+          if constexpr (std::is_same_v<scalar_t, T>) {
+            at::vec::map3(op, xb + off, chunk.x, chunk.x0, chunk.g, n);
+          } else {
+            at::vec::map3(op, chunk.x_buf, chunk.x, chunk.x0, chunk.g, n);
+            at::vec::convert(chunk.x_buf, xb + off, n);
+          }
         });
       };
 
@@ -84,11 +102,11 @@ void pgd_step_cpu_impl(at::Tensor& x, const at::Tensor& x0, const at::Tensor& gr
       // l2, read pass: the three moments, with lanes past the chunk's end loaded as 0.
       Vec gg(0), dg(0), dd(0);
       for_each_chunk(N, [&](int64_t off, int64_t n) {
-        buf.load(xb + off, x0b + off, gb + off, n);
+        chunk.load(xb + off, x0b + off, gb + off, n);
         for (int64_t k = 0; k < n; k += Vec::size()) {
           const int64_t m = std::min<int64_t>(Vec::size(), n - k);
-          const Vec gv = Vec::loadu(buf.g + k, m);
-          const Vec d = Vec::loadu(buf.x + k, m) - Vec::loadu(buf.x0 + k, m);
+          const Vec gv = Vec::loadu(chunk.g + k, m);
+          const Vec d = Vec::loadu(chunk.x + k, m) - Vec::loadu(chunk.x0 + k, m);
           gg = at::vec::fmadd(gv, gv, gg);
           dg = at::vec::fmadd(d, gv, dg);
           dd = at::vec::fmadd(d, d, dd);
