@@ -334,17 +334,13 @@ class Attack:
     def _random_start(self, x0: Tensor, eps: Tensor, generator) -> Tensor:
         """Uniform in the ℓ∞ ball; in ℓ2 a random direction at a uniform radius."""
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        noise = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        like = dict(generator=generator, device=x0.device, dtype=x0.dtype)
         if self.norm == "Linf":
-            delta = (2 * noise - 1) * eps.view(shape)
+            delta = (2 * torch.rand(x0.shape, **like) - 1) * eps.view(shape)
         else:
-            direction = noise.normal_(generator=generator)
-            radius = eps * torch.rand(
-                eps.shape, generator=generator, device=x0.device, dtype=x0.dtype
-            )
-            delta = direction * (radius / direction.flatten(1).norm(dim=1).clamp_min(1e-12)).view(
-                shape
-            )
+            direction = torch.randn(x0.shape, **like)
+            scale = eps * torch.rand(eps.shape, **like) / direction.flatten(1).norm(dim=1)
+            delta = direction * scale.view(shape)
         return (x0 + delta).clamp(*self.box).to(x0.dtype)
 
     def _step_(self, x: Tensor, x0: Tensor, grad: Tensor, eps: Tensor, step: Tensor | float):
