@@ -4,6 +4,8 @@ Importing the package loads the compiled ops into ``torch.ops.adasmooth`` and re
 autograd and fake (meta) implementations.
 """
 
+import torch  # noqa: F401  (loads libtorch, which the compiled _C links against)
+
 from . import _C
 from .mixed import MixedClassifier, MixedOutput
 from .ops import mix, mix_gamma, pgd_step_
