@@ -7,7 +7,8 @@ autograd and fake (meta) implementations.
 import torch  # noqa: F401  (loads libtorch, which the compiled _C links against)
 
 from . import _C
-from .ops import LipschitzCertificate, lipschitz_certify, mix, mix_gamma
+from .mixed import MixedClassifier, MixedOutput
+from .ops import LipschitzCertificate, lipschitz_certify, mix, mix_gamma, pgd_step_
 
 __version__: str = _C.build_info()["version"]
 
@@ -18,10 +19,13 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "LipschitzCertificate",
-    "__version__",
     "build_info",
     "lipschitz_certify",
+    "LipschitzCertificate",
     "mix",
     "mix_gamma",
+    "MixedClassifier",
+    "MixedOutput",
+    "pgd_step_",
+    "__version__",
 ]

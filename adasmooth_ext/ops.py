@@ -11,7 +11,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["LipschitzCertificate", "lipschitz_certify", "mix", "mix_gamma"]
+__all__ = ["NORMS", "LipschitzCertificate", "lipschitz_certify", "mix", "mix_gamma", "pgd_step_"]
+
+# The threat models of pgd_step_, by the names torchattacks and AutoAttack use, and their codes.
+NORMS = {"Linf": 0, "L2": 2}
 
 
 def _as_weight(weight: Tensor | float, like: Tensor) -> Tensor:
@@ -65,6 +68,50 @@ def mix_gamma(
     return torch.ops.adasmooth.mix_gamma.default(
         std_logits, rob_logits, gamma, std_scale, rob_scale
     )
+
+
+def pgd_step_(
+    x: Tensor,
+    x0: Tensor,
+    grad: Tensor,
+    eps: Tensor | float,
+    step: Tensor | float,
+    norm: str = "Linf",
+    box: tuple[float, float] = (0.0, 1.0),
+) -> Tensor:
+    """One projected gradient ascent step, fused, in place on ``x`` (DESIGN.md §4).
+
+    ``Linf``: ``x ← clip_box(clip[x0 − ε, x0 + ε](x + η·sign(∇)))``.
+    ``L2``: ``x ← x + η·∇/‖∇‖``, then ``x − x0`` is scaled back into the ε-ball and ``x`` clamped
+    to the box. Per-sample norms are fused into the kernel; a zero (or non-finite) gradient norm
+    moves nothing and never produces NaN. Since ``x0`` lies in the box, the clamp keeps
+    ``‖x − x0‖ ≤ ε``.
+
+    Args:
+        x: ``[B, ...]`` current iterate, overwritten.
+        x0: clean inputs, same shape and dtype as ``x``.
+        grad: gradient of the loss at ``x``, same shape; any floating dtype.
+        eps, step: radius ``ε`` and step ``η`` (``≥ 0``): a number, a 0-d or a ``[B]`` tensor.
+        norm: ``"Linf"`` or ``"L2"``.
+        box: the valid input range ``(lo, hi)``.
+
+    Returns:
+        ``x``.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"pgd_step_: norm must be one of {sorted(NORMS)}, got {norm!r}")
+    lo, hi = box
+    return torch.ops.adasmooth.pgd_step_.default(
+        x, x0, grad, _as_radius(eps, x), _as_radius(step, x), NORMS[norm], lo, hi
+    )
+
+
+def _as_radius(value: Tensor | float, like: Tensor) -> Tensor:
+    """A Python number becomes a 0-d tensor on ``like``'s device, in full precision."""
+    if isinstance(value, Tensor):
+        return value
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor(float(value), dtype=dtype, device=like.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,3 +343,28 @@ torch.library.register_autograd(
     _lipschitz_certify_backward,
     setup_context=_lipschitz_certify_setup_context,
 )
+
+
+@torch.library.register_fake("adasmooth::pgd_step_")
+def _pgd_step_fake(x, x0, grad, eps, step, norm, lo=0.0, hi=1.0):
+    torch._check(
+        x.dim() >= 1 and x0.shape == x.shape and grad.shape == x.shape,
+        lambda: (
+            f"adasmooth.pgd_step_: x {tuple(x.shape)}, x0 {tuple(x0.shape)} and grad "
+            f"{tuple(grad.shape)} must have the same shape [B, ...]"
+        ),
+    )
+    torch._check(
+        x0.dtype == x.dtype and x.dtype.is_floating_point and grad.dtype.is_floating_point,
+        lambda: f"adasmooth.pgd_step_: bad dtypes x {x.dtype}, x0 {x0.dtype}, grad {grad.dtype}",
+    )
+    for name, t in (("eps", eps), ("step", step)):
+        torch._check(
+            t.dim() == 0 or (t.dim() == 1 and t.shape[0] == x.shape[0]),
+            lambda name=name, t=t: (
+                f"adasmooth.pgd_step_: {name} must be 0-d or [B] with B = {x.shape[0]}, "
+                f"got {tuple(t.shape)}"
+            ),
+        )
+    torch._check(norm in NORMS.values(), lambda: f"adasmooth.pgd_step_: bad norm {norm}")
+    return x

@@ -93,3 +93,32 @@ def lipschitz_certify_reference(
     radius = pair.scatter(1, pred, torch.inf).min(dim=-1).values  # over k != i
     radius = torch.where(positive.squeeze(1) & (radius > 0), radius, 0)
     return pred.squeeze(1), q_i.squeeze(1) - q_j, radius
+
+
+def pgd_step_reference(
+    x: Tensor,
+    x0: Tensor,
+    grad: Tensor,
+    eps: Tensor | float,
+    step: Tensor | float,
+    norm: str = "Linf",
+    box: tuple[float, float] = (0.0, 1.0),
+) -> Tensor:
+    """The PGD step of DESIGN.md §4 as an eager chain of stock ops; returns the new ``x``.
+
+    Same conventions as the fused ``pgd_step_``: ``sign(0) = sign(NaN) = 0``; in ``L2`` a zero or
+    non-finite gradient norm makes no step, only the projection.
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(shape)
+    step = torch.as_tensor(step, dtype=x.dtype, device=x.device).reshape(shape)
+    grad = grad.to(x.dtype)
+    if norm == "Linf":
+        moved = x + step * torch.sign(grad)
+        return torch.minimum(torch.maximum(moved, x0 - eps), x0 + eps).clamp(*box)
+    grad_norm = grad.flatten(1).norm(dim=1).reshape(shape)
+    usable = (grad_norm > 0) & torch.isfinite(grad_norm)
+    delta = x - x0 + torch.where(usable, step * grad / grad_norm, 0)
+    delta_norm = delta.flatten(1).norm(dim=1).reshape(shape)
+    scale = torch.where(delta_norm > eps, eps / delta_norm, 1)
+    return (x0 + scale * delta).clamp(*box)

@@ -43,6 +43,16 @@ TORCH_LIBRARY(adasmooth, m) {
   m.def(
       "lipschitz_certify_backward(Tensor grad_margin, Tensor grad_radius, Tensor rob_logits, "
       "Tensor alpha, Tensor lipschitz, float rob_scale) -> (Tensor grad_logits, Tensor grad_alpha)");
+
+  // ---- Attacks ------------------------------------------------------------------------------
+  // One projected gradient step on a batch [B, ...], in place on x (DESIGN.md §4), with eps and
+  // step 0-d or per sample [B]; norm 0 is l-inf (x + step*sign(grad)), 2 is l2 (x + step*grad /
+  // |grad|), then the projection onto the eps-ball around x0 and the clamp to [lo, hi]. grad may
+  // have its own dtype. Not differentiable: attacks call it under no_grad.
+  m.def(
+      "pgd_step_(Tensor(a!) x, Tensor x0, Tensor grad, Tensor eps, Tensor step, int norm, "
+      "float lo=0.0, float hi=1.0) -> Tensor(a!)",
+      {at::Tag::inplace});
 }
 
 #ifndef WITH_CUDA
@@ -57,7 +67,7 @@ static void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(adasmooth, CUDA, m) {
   for (const char* name : {"mix", "mix_gamma", "mix_backward", "lipschitz_certify",
-                           "lipschitz_certify_backward"}) {
+                           "lipschitz_certify_backward", "pgd_step_"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }
