@@ -80,6 +80,13 @@ T log_sum_exp(const T* x, T* e, int64_t n, T& inv_sum) {
   return max_x + std::log(sum);
 }
 
+// Whether any of the first n lanes of a comparison mask is set (set lanes are not 0.0).
+template <typename Vec>
+bool lanes_set(const Vec& mask, int64_t n) {
+  const auto first_n = (uint64_t(1) << n) - 1;  // n <= 16 lanes
+  return (~uint64_t(mask.zero_mask()) & first_n) != 0;
+}
+
 // exp(-|d|): the ratio of the smaller share of a class's mixed probability to the larger.
 template <typename Vec>
 Vec ratio(Vec d) {
@@ -116,6 +123,7 @@ struct Row {
   std::vector<T> buf;
   T *g, *h, *exp_g, *exp_h;
   T lse_g, lse_h, inv_sum_g, inv_sum_h, log_std, log_rob;
+  T coef_g, coef_h;  // (1 - alpha) / sum_k exp_g and alpha / sum_k exp_h: m_k = coef . exp
 
   explicit Row(int64_t C, int extra) : buf((4 + extra) * C) {
     g = buf.data();
@@ -133,8 +141,15 @@ struct Row {
     lse_g = log_sum_exp(g, exp_g, C, inv_sum_g);
     lse_h = log_sum_exp(h, exp_h, C, inv_sum_h);
     log_weights(weight, is_gamma, log_std, log_rob);
+    coef_g = std::exp(log_std) * inv_sum_g;
+    coef_h = std::exp(log_rob) * inv_sum_h;
   }
 };
+
+// Below this, the mixed probability m_k = (1 - alpha) p_k + alpha q_k may have lost terms that
+// underflowed in exp (< FLT_MIN); such classes take the exact log-space path instead.
+template <typename T>
+constexpr T kLinearFloor = T(7.888609052210118e-31);  // 2^-100
 
 template <typename scalar_t>
 void mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Tensor& w,
@@ -153,15 +168,28 @@ void mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Te
     for (int64_t r = begin; r < end; ++r) {
       row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), T(w_ptr[r * w_stride]), is_gamma);
       const Vec shift_g(row.log_std - row.lse_g), shift_h(row.log_rob - row.lse_h);
-      at::vec::map2([=](Vec a, Vec b) { return log_add_exp(a + shift_g, b + shift_h); }, z, row.g,
-                    row.h, C);
+      const Vec coef_g(row.coef_g), coef_h(row.coef_h), floor(kLinearFloor<T>);
+      // z_k = log m_k from the exps the log-sum-exps left behind: one log per class.
+      for (int64_t k = 0; k < C; k += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), C - k);
+        const Vec m = coef_g * Vec::loadu(row.exp_g + k, n) + coef_h * Vec::loadu(row.exp_h + k, n);
+        Vec zk = m.log();
+        const Vec tiny = m < floor;
+        if (lanes_set(tiny, n)) {
+          const Vec exact = log_add_exp(Vec::loadu(row.g + k, n) + shift_g,
+                                        Vec::loadu(row.h + k, n) + shift_h);
+          zk = Vec::blendv(zk, exact, tiny);
+        }
+        zk.store(z + k, n);
+      }
       at::vec::convert(z, out_ptr + r * C, C);
     }
   });
 }
 
-// The shares of g and h in class k's mixed probability, w_k = exp(a_k - z_k) and
-// 1 - w_k = exp(b_k - z_k), are sigmoid(±(a_k - b_k)): one exp, no log, no z needed.
+// The shares of g and h in class k's mixed probability, w_k = (1 - alpha) p_k / m_k and
+// 1 - w_k = alpha q_k / m_k, come from the log-sum-exps' exps with one division; where m_k is
+// tiny they are sigmoid(±(a_k - b_k)) in log space.
 template <typename scalar_t>
 void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at::Tensor& h,
                            const at::Tensor& w, at::Tensor& grad_g, at::Tensor& grad_h,
@@ -192,27 +220,37 @@ void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at
       const T* u = src_as_opmath(u_ptr + r * C, u_buf, C);
       // a_k - b_k = (g_k - lse_g + log(1 - alpha)) - (h_k - lse_h + log(alpha))
       const Vec shift_g(row.log_std - row.lse_g), shift_h(row.log_rob - row.lse_h);
+      const Vec coef_g(row.coef_g), coef_h(row.coef_h), floor(kLinearFloor<T>);
       Vec sum_u(0), sum_ug(0), sum_uh(0), sum_dalpha(0);
       // Pass 1: shares and the row sums. Past C, loadu pads u with 0: no contribution.
       for (int64_t k = 0; k < C; k += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec a = Vec::loadu(row.g + k, n) + shift_g, b = Vec::loadu(row.h + k, n) + shift_h;
-        const Vec e = ratio(a - b), big = (Vec(1) + e).reciprocal(), small = e * big;
-        const Vec g_wins = a >= b, uk = Vec::loadu(u + k, n);
-        const Vec ug = uk * Vec::blendv(small, big, g_wins);
-        const Vec uh = uk * Vec::blendv(big, small, g_wins);
+        const Vec uk = Vec::loadu(u + k, n);
+        const Vec pg = coef_g * Vec::loadu(row.exp_g + k, n);  // (1 - alpha) p_k
+        const Vec ph = coef_h * Vec::loadu(row.exp_h + k, n);  // alpha q_k
+        const Vec m = pg + ph;
+        const Vec u_over_m = Vec::blendv(uk / m, Vec(0), uk == Vec(0));  // 0, not 0/0, past C
+        Vec ug = u_over_m * pg, uh = u_over_m * ph;
+        const Vec tiny = m < floor;
+        if (lanes_set(tiny, n) || alpha_grad) {
+          const Vec a = Vec::loadu(row.g + k, n) + shift_g, b = Vec::loadu(row.h + k, n) + shift_h;
+          const Vec e = ratio(a - b), big = (Vec(1) + e).reciprocal(), small = e * big;
+          const Vec g_wins = a >= b;
+          ug = Vec::blendv(ug, uk * Vec::blendv(small, big, g_wins), tiny);
+          uh = Vec::blendv(uh, uk * Vec::blendv(big, small, g_wins), tiny);
+          if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
+            const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
+            const Vec lp = Vec::loadu(row.g + k, n) - Vec(row.lse_g);
+            const Vec lq = Vec::loadu(row.h + k, n) - Vec(row.lse_h);
+            const Vec dz = (lq - z).exp() - (lp - z).exp();
+            sum_dalpha += Vec::blendv(Vec(0), uk * dz, uk != Vec(0));
+          }
+        }
         ug.store(u_share_g + k, n);
         uh.store(u_share_h + k, n);
         sum_u += uk;
         sum_ug += ug;
         sum_uh += uh;
-        if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
-          const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
-          const Vec lp = Vec::loadu(row.g + k, n) - Vec(row.lse_g);
-          const Vec lq = Vec::loadu(row.h + k, n) - Vec(row.lse_h);
-          const Vec dz = (lq - z).exp() - (lp - z).exp();
-          sum_dalpha += Vec::blendv(Vec(0), uk * dz, uk != Vec(0));
-        }
       }
       const T su = total(sum_u);
       // Pass 2: dL/dg_j = s_g (u_j w_j - p_j sum_k u_k w_k), likewise for h with 1 - w.
