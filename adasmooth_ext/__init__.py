@@ -7,7 +7,7 @@ autograd and fake (meta) implementations.
 import torch  # noqa: F401  (loads libtorch before the extension links against it)
 
 from . import _C
-from .ops import mix, mix_gamma
+from .ops import mix, mix_gamma, nuts_map
 
 __version__: str = _C.build_info()["version"]
 
@@ -17,4 +17,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["__version__", "build_info", "mix", "mix_gamma"]
+__all__ = ["__version__", "build_info", "mix", "mix_gamma", "nuts_map"]
