@@ -1,6 +1,7 @@
 // CPU kernels of the MixedNUTS output map (DESIGN.md §5). Rows are split among threads
 // (at::parallel_for); each thread takes its rows in blocks of about 16K values. Row statistics
-// are per row: std::nth_element on a copy finds the top k logits, whose mean and sample std
+// are per row: bisection on order-preserving integer keys finds the k-th largest logit (as on
+// CUDA; branch-free, unlike std::nth_element), and the mean and sample std of the top k
 // standardise the row. The map itself (shift, GELU, signed power, scale) then runs over the
 // whole block in ATen's Vectorized math, so that short rows still fill whole vectors; in the
 // opmath type (fp32 for fp16 / bf16). Backward recomputes the row statistics instead of saving
@@ -15,7 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <limits>
 #include <vector>
 
@@ -35,28 +35,35 @@ struct TopK {
   T tau, tie_share;
 };
 
-// Plain loops: rows are often shorter than a few vectors.
+// Plain loops over integer keys, which the compiler vectorises; keys and work are scratch.
 template <typename T>
-TopK<T> topk_stats(const T* x, T* work, int64_t C, int64_t k, double c) {
-  // NaN ranks as +inf (torch.topk ranks it first too), which keeps nth_element's order strict
-  // weak; a row holding NaN maps to NaN either way.
-  for (int64_t i = 0; i < C; ++i) {
-    work[i] = std::isnan(x[i]) ? std::numeric_limits<T>::infinity() : x[i];
+TopK<T> topk_stats(const T* x, OrderKey<T>* keys, T* work, int64_t C, int64_t k, double c) {
+  for (int64_t i = 0; i < C; ++i) keys[i] = order_key(x[i]);
+  OrderKey<T> tau = ~OrderKey<T>(0);
+  if (k == C) {  // MixedNUTS's default for up to 250 classes: tau is the smallest key
+    for (int64_t i = 0; i < C; ++i) tau = std::min(tau, keys[i]);
+  } else {
+    tau = kth_largest_key<T>(k, [&](OrderKey<T> candidate) {
+      int64_t n = 0;
+      for (int64_t i = 0; i < C; ++i) n += keys[i] >= candidate;
+      return n;
+    });
   }
-  // k = C (MixedNUTS's default for up to 250 classes) takes every logit: nothing to select.
-  if (k < C) std::nth_element(work, work + k - 1, work + C, std::greater<T>());
-  const T tau = k < C ? work[k - 1] : *std::min_element(work, work + C);
-  double sum = 0, sq = 0;
+  // The logits above tau, packed into work without branches; tied ones fill the rest of the k.
   int64_t n_above = 0, n_tied = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    sum += work[i];
-    n_above += work[i] > tau;
+  for (int64_t i = 0; i < C; ++i) {
+    work[n_above] = x[i];
+    n_above += keys[i] > tau;
+    n_tied += keys[i] == tau;
   }
+  const double tau_value = key_value<T>(tau), rest = k - n_above;
+  double sum = rest * tau_value, sq = 0;
+  for (int64_t i = 0; i < n_above; ++i) sum += work[i];
   const double mean = sum / k;
-  for (int64_t i = 0; i < k; ++i) sq += (work[i] - mean) * (work[i] - mean);
-  for (int64_t i = 0; i < C; ++i) n_tied += work[i] == tau;
+  for (int64_t i = 0; i < n_above; ++i) sq += (work[i] - mean) * (work[i] - mean);
+  sq += rest * (tau_value - mean) * (tau_value - mean);
   const double inv_std = 1 / std::sqrt(sq / (k - 1) + kNutsVarEps);
-  return {inv_std, c - mean * inv_std, tau, static_cast<T>(k - n_above) / n_tied};
+  return {inv_std, c - mean * inv_std, key_value<T>(tau), static_cast<T>(rest / n_tied)};
 }
 
 // t = LN_k(x) + c, rounded once from fp64.
@@ -114,11 +121,12 @@ void nuts_map_forward_cpu_impl(const at::Tensor& logits, at::Tensor& out, int64_
   at::parallel_for(0, B, block, [&](int64_t begin, int64_t end) {
     std::vector<T> buf((2 * block + 1) * C);
     T *x_buf = buf.data(), *t = x_buf + block * C, *work = t + block * C;
+    std::vector<OrderKey<T>> keys(C);
     for_blocks(begin, end, block, [&](int64_t first, int64_t rows) {
       const int64_t n = rows * C;
       const T* x = src_as_opmath(x_ptr + first * C, x_buf, n);
       for (int64_t i = 0; i < n; i += C) {
-        standardise(x + i, t + i, C, topk_stats(x + i, work, C, k, prm.c));
+        standardise(x + i, t + i, C, topk_stats(x + i, keys.data(), work, C, k, prm.c));
       }
       at::vec::map([&](Vec v) { return nuts_value(v, prm); }, t, t, n);
       at::vec::convert(t, out_ptr + first * C, n);
@@ -168,13 +176,14 @@ void nuts_map_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& logits
     std::vector<T> buf((4 * block + 1) * C);
     T *x_buf = buf.data(), *g_buf = x_buf + block * C, *t = g_buf + block * C;
     T *a = t + block * C, *work = a + block * C;
+    std::vector<OrderKey<T>> keys(C);
     std::vector<TopK<T>> tops(block);
     for_blocks(begin, end, block, [&](int64_t first, int64_t rows) {
       const int64_t n = rows * C;
       const T* x = src_as_opmath(x_ptr + first * C, x_buf, n);
       const T* g = src_as_opmath(g_ptr + first * C, g_buf, n);
       for (int64_t r = 0; r < rows; ++r) {
-        tops[r] = topk_stats(x + r * C, work, C, k, prm.c);
+        tops[r] = topk_stats(x + r * C, keys.data(), work, C, k, prm.c);
         standardise(x + r * C, t + r * C, C, tops[r]);
       }
       at::vec::map2([&](Vec tv, Vec gv) { return nuts_slope(tv, prm) * gv; }, a, t, g, n);

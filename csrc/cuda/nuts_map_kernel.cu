@@ -3,9 +3,9 @@
 // A (sub-)warp per row for C <= 1024, several rows per block, as in the mix kernels; a block per
 // row above. The threads of a row read it in 16-byte vectors, adjacent threads adjacent vectors,
 // once per pass; the passes after the first hit L1 / L2, so no row is held in registers and any
-// C works. The k-th largest logit is found without sorting, for any k, by bisection on an
-// order-preserving integer key: one row-wide count per key bit. The top-k mean and std follow.
-// Backward recomputes the row statistics and the map's slope instead of saving anything B x C.
+// C works. The k-th largest logit is found by bisection on order-preserving integer keys (one
+// row-wide count per key bit, any k), as on CPU; the top-k mean and std follow. Backward
+// recomputes the row statistics and the map's slope instead of saving anything B x C.
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -66,39 +66,6 @@ struct Row {
   }
 };
 
-template <typename T>
-struct KeyBits;
-template <>
-struct KeyBits<float> {
-  using type = uint32_t;
-  static __device__ uint32_t of(float x) { return __float_as_uint(x); }
-  static __device__ float value(uint32_t b) { return __uint_as_float(b); }
-};
-template <>
-struct KeyBits<double> {
-  using type = unsigned long long;
-  static __device__ unsigned long long of(double x) { return __double_as_longlong(x); }
-  static __device__ double value(unsigned long long b) { return __longlong_as_double(b); }
-};
-template <typename T>
-using Key = typename KeyBits<T>::type;
-template <typename T>
-constexpr Key<T> kSignBit = Key<T>(1) << (8 * sizeof(Key<T>) - 1);
-
-// An unsigned integer ordered as the values are: NaN above +inf (as torch.topk ranks it), -0 and
-// +0 together, and no value at 0.
-template <typename T>
-__device__ __forceinline__ Key<T> order_key(T x) {
-  if (isnan(x)) return ~Key<T>(0);
-  const Key<T> b = KeyBits<T>::of(x == T(0) ? T(0) : x);
-  return (b & kSignBit<T>) ? ~b : (b | kSignBit<T>);
-}
-
-template <typename T>
-__device__ __forceinline__ T key_value(Key<T> key) {
-  return KeyBits<T>::value((key & kSignBit<T>) ? (key & ~kSignBit<T>) : ~key);
-}
-
 // A row's top k logits: the standardisation t = x * scale + shift = (x - mean) / std + c they
 // define (in fp64, see NutsParams), the key tau of the k-th largest, and how many of the k rank
 // strictly above it (the rest are tied with it).
@@ -106,7 +73,7 @@ template <typename T>
 struct TopK {
   double scale, shift;
   int n_above;
-  Key<T> tau;
+  OrderKey<T> tau;
 
   __device__ T t(T x) const { return static_cast<T>(x * scale + shift); }
 };
@@ -114,17 +81,16 @@ struct TopK {
 template <int VEC, bool kBlock, typename scalar_t, typename T = at::opmath_type<scalar_t>>
 __device__ TopK<T> topk_stats(const Row<kBlock>& row, const scalar_t* x, bool aligned, int64_t k,
                               double c) {
-  Key<T> tau = 0;
+  OrderKey<T> tau = 0;
   if (k == row.C) {  // MixedNUTS's default for up to 250 classes: tau is the smallest key
-    row.template each<VEC>(x, aligned, [&](T v) { tau = max(tau, ~order_key(v)); });
+    row.template each<VEC>(x, aligned, [&](T v) { tau = Max()(tau, ~order_key(v)); });
     tau = ~row.reduce(tau, Max());
-  } else {  // the largest key with at least k keys >= it, fixed from the top bit down
-    for (int bit = 8 * sizeof(Key<T>) - 1; bit >= 0; --bit) {
-      const Key<T> candidate = tau | (Key<T>(1) << bit);
+  } else {
+    tau = kth_largest_key<T>(k, [&](OrderKey<T> candidate) {
       int n = 0;
       row.template each<VEC>(x, aligned, [&](T v) { n += order_key(v) >= candidate; });
-      if (row.reduce(n) >= k) tau = candidate;
-    }
+      return row.reduce(n);
+    });
   }
   int n_above = 0;
   double sum = 0;
@@ -135,13 +101,13 @@ __device__ TopK<T> topk_stats(const Row<kBlock>& row, const scalar_t* x, bool al
     }
   });
   n_above = row.reduce(n_above);
-  const double tau_value = key_value<T>(tau), n_tied = k - n_above;
-  const double mean = (row.reduce(sum) + n_tied * tau_value) / k;
+  const double tau_value = key_value<T>(tau), rest = k - n_above;  // tied with tau
+  const double mean = (row.reduce(sum) + rest * tau_value) / k;
   double sq = 0;
   row.template each<VEC>(x, aligned, [&](T v) {
     if (order_key(v) > tau) sq += (v - mean) * (v - mean);
   });
-  sq = row.reduce(sq) + n_tied * (tau_value - mean) * (tau_value - mean);
+  sq = row.reduce(sq) + rest * (tau_value - mean) * (tau_value - mean);
   const double inv_std = 1 / sqrt(sq / (k - 1) + kNutsVarEps);
   return {inv_std, c - mean * inv_std, n_above, tau};
 }
@@ -242,7 +208,7 @@ __global__ void nuts_map_backward_kernel(const scalar_t* __restrict__ grad,
   const T ca = row.reduce(sum_a) / T(k), cy = row.reduce(sum_ay) / T(k - 1);
   const T inv_std = static_cast<T>(top.scale);
   pass(true, [&](T xi, T a, T y) {
-    const Key<T> key = order_key(xi);
+    const OrderKey<T> key = order_key(xi);
     const T w = key > top.tau ? T(1) : (key == top.tau ? tie_share : T(0));
     return (a - w * (ca + cy * y)) * inv_std;
   });
