@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libtorch, which the compiled _C links against
 
 from . import _C
 from .mixed import MixedClassifier, MixedOutput
-from .ops import LipschitzCertificate, lipschitz_certify, mix, mix_gamma, pgd_step_
+from .ops import LipschitzCertificate, lipschitz_certify, mix, mix_gamma, nuts_map, pgd_step_
 
 __version__: str = _C.build_info()["version"]
 
@@ -26,6 +26,7 @@ __all__ = [
     "mix_gamma",
     "MixedClassifier",
     "MixedOutput",
+    "nuts_map",
     "pgd_step_",
     "__version__",
 ]

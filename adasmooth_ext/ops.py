@@ -1,7 +1,7 @@
 """Typed wrappers over ``torch.ops.adasmooth``, with their fake and autograd registrations.
 
 The kernels are C++/CUDA (``csrc/``); here the ops learn their output shapes (so
-``torch.compile`` traces through them) and their backward (the fused ``mix_backward`` op).
+``torch.compile`` traces through them) and their backward (the fused ``*_backward`` ops).
 """
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["NORMS", "LipschitzCertificate", "lipschitz_certify", "mix", "mix_gamma", "pgd_step_"]
+__all__ = [
+    "NORMS",
+    "LipschitzCertificate",
+    "lipschitz_certify",
+    "mix",
+    "mix_gamma",
+    "nuts_map",
+    "pgd_step_",
+]
 
 # The threat models of pgd_step_, by the names torchattacks and AutoAttack use, and their codes.
 NORMS = {"Linf": 0, "L2": 2}
@@ -368,3 +376,72 @@ def _pgd_step_fake(x, x0, grad, eps, step, norm, lo=0.0, hi=1.0):
         )
     torch._check(norm in NORMS.values(), lambda: f"adasmooth.pgd_step_: bad norm {norm}")
     return x
+
+
+# MixedNUTS output map (DESIGN.md §5): robust logits are reshaped before mixing.
+
+
+def nuts_map(logits: Tensor, k: int, s: float = 1.0, p: float = 1.0, c: float = 0.0) -> Tensor:
+    """MixedNUTS output map ``s·sign(u)·|u|^p`` with ``u = GELU(LN_k(h) + c)``, row by row.
+
+    ``LN_k`` standardises a row with the mean and the sample (Bessel-corrected) std of its top
+    ``k`` logits, ``σ = sqrt(var + 1e-8)`` as in MixedNUTS, so published ``(s, p, c)`` carry
+    over. Feed the result to :func:`mix` as the robust logits.
+
+    Gradients reach every logit, and through the mean and std the top ``k``; the selection is
+    piecewise constant, and logits tied with the ``k``-th largest share its term equally. For
+    ``p < 1`` the slope of ``|u|^p`` is infinite at ``u = 0`` and taken as 0 there; steep or
+    small powers flatten gradients away from the top logits, so attacks on a mapped model may
+    need a differentiable surrogate.
+
+    ``LN_k(h) + c`` is formed in fp64 whatever the dtype: it cancels near 0, where ``|u|^p``
+    with ``p < 1`` magnifies errors; the rest runs in fp32 for half types.
+
+    Args:
+        logits: ``[B, C]`` logits of the robust model, any floating dtype.
+        k: how many top logits set the mean and std, ``2 <= k <= C``.
+        s, p: positive scale and power; c: the shift before the GELU.
+    """
+    return torch.ops.adasmooth.nuts_map.default(logits, k, s, p, c)
+
+
+def _check_nuts_map_args(logits: Tensor, k: int) -> None:
+    torch._check(
+        logits.dim() == 2 and logits.dtype.is_floating_point,
+        lambda: (
+            f"adasmooth.nuts_map: logits must be a 2-D [B, C] floating-point tensor, got "
+            f"{tuple(logits.shape)} {logits.dtype}"
+        ),
+    )
+    torch._check(
+        2 <= k <= logits.shape[1],
+        lambda: f"adasmooth.nuts_map: k must lie in [2, C], got k = {k} for C = {logits.shape[1]}",
+    )
+
+
+@torch.library.register_fake("adasmooth::nuts_map")
+def _nuts_map_fake(logits, k, s=1.0, p=1.0, c=0.0):
+    _check_nuts_map_args(logits, k)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("adasmooth::nuts_map_backward")
+def _nuts_map_backward_fake(grad, logits, k, s, p, c):
+    _check_nuts_map_args(logits, k)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _nuts_map_setup_context(ctx, inputs, output):
+    logits, *ctx.params = inputs
+    ctx.save_for_backward(logits)
+
+
+def _nuts_map_backward(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    grad_logits = torch.ops.adasmooth.nuts_map_backward.default(grad, logits, *ctx.params)
+    return grad_logits, None, None, None, None
+
+
+torch.library.register_autograd(
+    "adasmooth::nuts_map", _nuts_map_backward, setup_context=_nuts_map_setup_context
+)

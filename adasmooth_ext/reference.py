@@ -7,6 +7,8 @@ exist to replace: it underflows and masks gradients on large logit gaps.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -122,3 +124,22 @@ def pgd_step_reference(
     delta_norm = delta.flatten(1).norm(dim=1).reshape(shape)
     scale = torch.where(delta_norm > eps, eps / delta_norm, 1)
     return (x0 + scale * delta).clamp(*box)
+
+
+def nuts_map_reference(
+    logits: Tensor, k: int, s: float = 1.0, p: float = 1.0, c: float = 0.0
+) -> Tensor:
+    """MixedNUTS output map, DESIGN.md §5, from stock torch ops (``torch.topk`` picks the top k).
+
+    GELU is written with ``erfc``, which keeps its tiny outputs far below the top k accurate
+    where ``F.gelu``'s ``1 + erf`` cancels (``|u|^p`` with ``p < 1`` would magnify that error).
+    ``|u|`` is clamped to the smallest normal number before the power (the value moves by less
+    than ``tiny^p``), and the signed power is written so that autograd's slope at ``u = 0`` is
+    the kernels': the true one for ``p >= 1``, 0 for ``p < 1`` (where it is infinite).
+    """
+    top = logits.topk(k, dim=-1).values
+    std = (top.var(dim=-1, keepdim=True) + 1e-8).sqrt()  # sample variance, as MixedNUTS
+    t = (logits - top.mean(dim=-1, keepdim=True)) / std + c
+    u = 0.5 * t * torch.special.erfc(-t / math.sqrt(2))
+    mag = u.abs().clamp_min(torch.finfo(u.dtype).tiny)
+    return s * (u * mag.pow(p - 1) if p >= 1 else torch.sign(u) * mag.pow(p))

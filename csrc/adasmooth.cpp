@@ -53,6 +53,18 @@ TORCH_LIBRARY(adasmooth, m) {
       "pgd_step_(Tensor(a!) x, Tensor x0, Tensor grad, Tensor eps, Tensor step, int norm, "
       "float lo=0.0, float hi=1.0) -> Tensor(a!)",
       {at::Tag::inplace});
+
+  // ---- MixedNUTS ----------------------------------------------------------------------------
+  // MixedNUTS output map of the robust model's logits (DESIGN.md §5), per row:
+  // s * sign(u) * |u|^p with u = GELU((h - mean_k) / std_k + c), where mean_k and std_k are the
+  // mean and sample std (Bessel-corrected, plus 1e-8 under the root) of the row's top k logits.
+  // 2 <= k <= C; s, p > 0.
+  m.def("nuts_map(Tensor logits, int k, float s=1.0, float p=1.0, float c=0.0) -> Tensor");
+  // Its backward: the gradient for logits, through mean_k and std_k to the top k (the selection
+  // itself is piecewise constant). Recomputes the row statistics; nothing B x C is saved.
+  m.def(
+      "nuts_map_backward(Tensor grad, Tensor logits, int k, float s, float p, float c) "
+      "-> Tensor");
 }
 
 #ifndef WITH_CUDA
@@ -67,7 +79,8 @@ static void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(adasmooth, CUDA, m) {
   for (const char* name : {"mix", "mix_gamma", "mix_backward", "lipschitz_certify",
-                           "lipschitz_certify_backward", "pgd_step_"}) {
+                           "lipschitz_certify_backward", "pgd_step_", "nuts_map",
+                           "nuts_map_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }

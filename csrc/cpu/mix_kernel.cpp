@@ -14,14 +14,10 @@
 #include <vector>
 
 #include "../mix_checks.h"
+#include "row_math.h"
 
 namespace adasmooth {
 namespace {
-
-// Rows per parallel task: enough work per task to amortise scheduling.
-int64_t grain_rows(int64_t C) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-}
 
 // softplus(x) = log(1 + exp(x)) without overflow.
 template <typename T>
@@ -38,17 +34,6 @@ void log_weights(T weight, bool is_gamma, T& log_std, T& log_rob) {
   } else {
     log_std = std::log1p(-weight);
     log_rob = std::log(weight);
-  }
-}
-
-// fp32 / fp64 rows are read in place; fp16 / bf16 rows are first widened into dst.
-template <typename scalar_t, typename T>
-const T* src_as_opmath(const scalar_t* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    return src;
-  } else {
-    at::vec::convert(src, dst, n);
-    return dst;
   }
 }
 

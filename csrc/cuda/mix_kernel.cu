@@ -18,10 +18,6 @@
 namespace adasmooth::cuda {
 namespace {
 
-constexpr int kWarpKernelThreads = 128;
-constexpr int kBlockKernelThreads = 512;
-constexpr int64_t kMaxWarpClasses = 1024;
-
 // Log-sum-exp of a row held in registers by a group of `width` lanes.
 template <int N, typename T>
 __device__ __forceinline__ T chunk_lse(const T (&x)[N], int width) {
@@ -257,12 +253,6 @@ __global__ void mix_backward_block_kernel(const scalar_t* __restrict__ grad,
   }
 }
 
-int64_t next_pow2(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p *= 2;
-  return p;
-}
-
 // Lanes per row of the warp kernels: a full warp, or fewer for C < 32.
 int lanes_per_row(int64_t C) {
   return static_cast<int>(std::min<int64_t>(next_pow2(C), kWarpSize));
@@ -280,11 +270,6 @@ void dispatch_chunk(int64_t C, F&& f) {
     case 16: f(std::integral_constant<int, 16>{}); break;
     default: f(std::integral_constant<int, 32>{}); break;
   }
-}
-
-int64_t warp_kernel_blocks(int64_t B, int width) {
-  const int64_t rows_per_block = kWarpKernelThreads / width;
-  return (B + rows_per_block - 1) / rows_per_block;
 }
 
 at::Tensor mix_forward_cuda(const at::Tensor& std_logits, const at::Tensor& rob_logits,

@@ -1,5 +1,6 @@
 // Building blocks for row-wise CUDA kernels: warp / sub-warp / block reductions, vectorised
-// chunk loads and stores, and the online log-sum-exp. Shared by every adasmooth CUDA kernel.
+// chunk loads and stores, the online log-sum-exp, and the launch shape of the warp kernels.
+// Shared by every adasmooth CUDA kernel.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -11,6 +12,11 @@
 namespace adasmooth::cuda {
 
 constexpr int kWarpSize = 32;
+// Warp kernels take rows of up to kMaxWarpClasses, a (sub-)warp per row, several rows per block
+// of kWarpKernelThreads; block kernels take a row per block.
+constexpr int kWarpKernelThreads = 128;
+constexpr int kBlockKernelThreads = 512;
+constexpr int64_t kMaxWarpClasses = 1024;
 
 template <typename T>
 __device__ __forceinline__ T neg_inf() {
@@ -173,6 +179,17 @@ __device__ __forceinline__ void store_chunk(scalar_t* row, int64_t start, int64_
       }
     }
   }
+}
+
+inline int64_t next_pow2(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+inline int64_t warp_kernel_blocks(int64_t B, int width) {
+  const int64_t rows_per_block = kWarpKernelThreads / width;
+  return (B + rows_per_block - 1) / rows_per_block;
 }
 
 }  // namespace adasmooth::cuda
