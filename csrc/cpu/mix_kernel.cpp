@@ -1,6 +1,7 @@
-// CPU kernels of the mix ops: one row per task, rows in parallel (at::parallel_for), each row
-// staged in a thread-local opmath buffer (fp32 for fp16/bf16) and processed with ATen's
-// Vectorized math. All arithmetic is in log space (DESIGN.md §1), so nothing underflows to log 0.
+// CPU kernels of the mix ops: rows in parallel (at::parallel_for), each row staged in a
+// thread-local opmath buffer (fp32 for fp16/bf16) and processed with ATen's Vectorized math.
+// Linear-space shortcuts are taken only where they are exact to rounding; every class whose
+// mixed probability could have underflowed goes through the log-space formulas (DESIGN.md §1).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,7 +10,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -25,44 +28,40 @@ T softplus(T x) {
   return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
 }
 
-// log(1 - a) and log(a) of the row's weight; from gamma via logsigmoid when is_gamma.
+// sigmoid(x) without overflow or cancellation, so that sigmoid(-x) stays exact for large x.
 template <typename T>
-void log_weights(T weight, bool is_gamma, T& log_std, T& log_rob) {
-  if (is_gamma) {
-    log_std = -softplus(weight);
-    log_rob = -softplus(-weight);
-  } else {
-    log_std = std::log1p(-weight);
-    log_rob = std::log(weight);
-  }
+T sigmoid(T x) {
+  const T e = std::exp(-std::abs(x));
+  return x >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
-// dst[k] = scale * src[k], in the opmath type.
+// dst[k] = scale * src[k], in the opmath type; returns the row's maximum (one pass).
 template <typename scalar_t, typename T>
-void load_scaled(const scalar_t* src, T* dst, int64_t n, T scale) {
+T load_scaled(const scalar_t* src, T* dst, int64_t n, T scale) {
   using Vec = at::vec::Vectorized<T>;
   const T* from = src_as_opmath(src, dst, n);
-  at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, from, n);
+  Vec max(-std::numeric_limits<T>::infinity());
+  for (int64_t k = 0; k < n; k += Vec::size()) {
+    const int64_t m = std::min<int64_t>(Vec::size(), n - k);
+    const Vec x = Vec::loadu(from + k, m) * Vec(scale);
+    x.store(dst + k, m);
+    max = Vec::set(max, at::vec::maximum(max, x), m);  // lanes past m are not part of the row
+  }
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max);
 }
 
-// Row log-sum-exp of x. Leaves exp(x_k - max) in e and returns 1 / sum of them in inv_sum, so
-// that softmax(x)_k = e_k * inv_sum costs no second exp.
+// e_k = exp(x_k - max), stored; returns their sum.
 template <typename T>
-T log_sum_exp(const T* x, T* e, int64_t n, T& inv_sum) {
+T exp_shifted(const T* x, T max, T* e, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
-  const T max_x = at::vec::reduce_all<T>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
-  const Vec max(max_x);
   Vec acc(0);
   for (int64_t k = 0; k < n; k += Vec::size()) {
     const int64_t m = std::min<int64_t>(Vec::size(), n - k);
-    const Vec ek = (Vec::loadu(x + k, m) - max).exp_u20();
+    const Vec ek = (Vec::loadu(x + k, m) - Vec(max)).exp_u20();
     ek.store(e + k, m);
     acc += Vec::set(Vec(0), ek, m);  // lanes past m are not part of the row
   }
-  const T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
-  inv_sum = T(1) / sum;
-  return max_x + std::log(sum);
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
 }
 
 // Whether any of the first n lanes of a comparison mask is set (set lanes are not 0.0).
@@ -70,12 +69,6 @@ template <typename Vec>
 bool lanes_set(const Vec& mask, int64_t n) {
   const auto first_n = (uint64_t(1) << n) - 1;  // n <= 16 lanes
   return (~uint64_t(mask.zero_mask()) & first_n) != 0;
-}
-
-// exp(-|d|): the ratio of the smaller share of a class's mixed probability to the larger.
-template <typename Vec>
-Vec ratio(Vec d) {
-  return d.abs().neg().exp_u20();
 }
 
 // log1p(x) for x in [0, 1], the only range logaddexp needs. In fp32, a short series
@@ -96,21 +89,27 @@ at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& x) {
   }
 }
 
-// logaddexp(a, b) = max + log1p(exp(-|a - b|)); exact when one side is -inf (a weight of 0).
-template <typename Vec>
-Vec log_add_exp(Vec a, Vec b) {
-  return at::vec::maximum(a, b) + log1p_unit(ratio(a - b));
-}
+// Below this, the mixed probability m_k = (1 - alpha) p_k + alpha q_k may have lost terms that
+// underflowed in exp (< FLT_MIN); such classes take the exact log-space path instead.
+template <typename T>
+constexpr T kLinearFloor = T(7.888609052210118e-31);  // 2^-100
 
-// A row's scaled logits a = s_g g, b = s_h h, their exp(x - max), normalisers and log weights.
+// One row of the mixture. The fast path works in linear space from the exps the normalisers
+// leave behind: m_k = coef_g e^g_k + coef_h e^h_k, one log (forward) or one division (backward)
+// per class. Classes with a tiny m_k use the exact log-space formulas of DESIGN.md §1, whose
+// per-row logs are computed only then.
 template <typename T>
 struct Row {
+  using Vec = at::vec::Vectorized<T>;
   std::vector<T> buf;
-  T *g, *h, *exp_g, *exp_h;
-  T lse_g, lse_h, inv_sum_g, inv_sum_h, log_std, log_rob;
-  T coef_g, coef_h;  // (1 - alpha) / sum_k exp_g and alpha / sum_k exp_h: m_k = coef . exp
+  T *g, *h, *exp_g, *exp_h;       // s_g g, s_h h, exp(s_g g - max_g), exp(s_h h - max_h)
+  T max_g, max_h, sum_g, sum_h;   // sum_k exp_g, sum_k exp_h
+  T weight_std, weight_rob;       // 1 - alpha, alpha
+  T coef_g, coef_h;               // (1 - alpha) / sum_g, alpha / sum_h
+  T weight;
+  bool is_gamma;
 
-  explicit Row(int64_t C, int extra) : buf((4 + extra) * C) {
+  Row(int64_t C, int extra) : buf((4 + extra) * C) {
     g = buf.data();
     h = g + C;
     exp_g = h + C;
@@ -119,25 +118,41 @@ struct Row {
   T* scratch(int i, int64_t C) { return buf.data() + (4 + i) * C; }
 
   template <typename scalar_t>
-  void load(const scalar_t* g_src, const scalar_t* h_src, int64_t C, T s_g, T s_h, T weight,
-            bool is_gamma) {
-    load_scaled(g_src, g, C, s_g);
-    load_scaled(h_src, h, C, s_h);
-    lse_g = log_sum_exp(g, exp_g, C, inv_sum_g);
-    lse_h = log_sum_exp(h, exp_h, C, inv_sum_h);
-    log_weights(weight, is_gamma, log_std, log_rob);
-    coef_g = std::exp(log_std) * inv_sum_g;
-    coef_h = std::exp(log_rob) * inv_sum_h;
+  void load(const scalar_t* g_src, const scalar_t* h_src, int64_t C, T s_g, T s_h, T w,
+            bool gamma) {
+    max_g = load_scaled(g_src, g, C, s_g);
+    max_h = load_scaled(h_src, h, C, s_h);
+    sum_g = exp_shifted(g, max_g, exp_g, C);
+    sum_h = exp_shifted(h, max_h, exp_h, C);
+    weight = w;
+    is_gamma = gamma;
+    weight_rob = is_gamma ? sigmoid(w) : w;
+    weight_std = is_gamma ? sigmoid(-w) : T(1) - w;
+    coef_g = weight_std / sum_g;
+    coef_h = weight_rob / sum_h;
+  }
+
+  // log-space pieces, on demand: a_k = g_k + shift_g = log((1 - alpha) p_k), likewise b_k.
+  T lse_g() const { return max_g + std::log(sum_g); }
+  T lse_h() const { return max_h + std::log(sum_h); }
+  T log_std() const { return is_gamma ? -softplus(weight) : std::log1p(-weight); }
+  T log_rob() const { return is_gamma ? -softplus(-weight) : std::log(weight); }
+
+  Vec a(int64_t k, int64_t n) const { return Vec::loadu(g + k, n) + Vec(log_std() - lse_g()); }
+  Vec b(int64_t k, int64_t n) const { return Vec::loadu(h + k, n) + Vec(log_rob() - lse_h()); }
+  Vec m(int64_t k, int64_t n) const {
+    return Vec(coef_g) * Vec::loadu(exp_g + k, n) + Vec(coef_h) * Vec::loadu(exp_h + k, n);
   }
 };
 
-// Below this, the mixed probability m_k = (1 - alpha) p_k + alpha q_k may have lost terms that
-// underflowed in exp (< FLT_MIN); such classes take the exact log-space path instead.
-template <typename T>
-constexpr T kLinearFloor = T(7.888609052210118e-31);  // 2^-100
+// logaddexp(a, b) = max + log1p(exp(-|a - b|)); exact when one side is -inf (a weight of 0).
+template <typename Vec>
+Vec log_add_exp(Vec a, Vec b) {
+  return at::vec::maximum(a, b) + log1p_unit((a - b).abs().neg().exp_u20());
+}
 
 template <typename scalar_t>
-void mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Tensor& w,
+bool mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Tensor& w,
                           at::Tensor& out, double s_g, double s_h, bool is_gamma) {
   using T = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<T>;
@@ -146,35 +161,30 @@ void mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Te
   const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
   const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  std::atomic<bool> bad_alpha{false};
 
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
     Row<T> row(C, 1);
     T* z = row.scratch(0, C);
     for (int64_t r = begin; r < end; ++r) {
-      row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), T(w_ptr[r * w_stride]), is_gamma);
-      const Vec shift_g(row.log_std - row.lse_g), shift_h(row.log_rob - row.lse_h);
-      const Vec coef_g(row.coef_g), coef_h(row.coef_h), floor(kLinearFloor<T>);
-      // z_k = log m_k from the exps the log-sum-exps left behind: one log per class.
+      const T weight = T(w_ptr[r * w_stride]);
+      if (!is_gamma && !(weight >= T(0) && weight <= T(1))) bad_alpha = true;
+      row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), weight, is_gamma);
       for (int64_t k = 0; k < C; k += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec m = coef_g * Vec::loadu(row.exp_g + k, n) + coef_h * Vec::loadu(row.exp_h + k, n);
+        const Vec m = row.m(k, n), tiny = m < Vec(kLinearFloor<T>);
         Vec zk = m.log();
-        const Vec tiny = m < floor;
-        if (lanes_set(tiny, n)) {
-          const Vec exact = log_add_exp(Vec::loadu(row.g + k, n) + shift_g,
-                                        Vec::loadu(row.h + k, n) + shift_h);
-          zk = Vec::blendv(zk, exact, tiny);
-        }
+        if (lanes_set(tiny, n)) zk = Vec::blendv(zk, log_add_exp(row.a(k, n), row.b(k, n)), tiny);
         zk.store(z + k, n);
       }
       at::vec::convert(z, out_ptr + r * C, C);
     }
   });
+  return !bad_alpha;
 }
 
-// The shares of g and h in class k's mixed probability, w_k = (1 - alpha) p_k / m_k and
-// 1 - w_k = alpha q_k / m_k, come from the log-sum-exps' exps with one division; where m_k is
-// tiny they are sigmoid(±(a_k - b_k)) in log space.
+// With r_k = u_k / m_k: u_k w_k = r_k (1 - alpha) p_k, u_k (1 - w_k) = r_k alpha q_k and
+// d z_k / d alpha = (q_k - p_k) / m_k.
 template <typename scalar_t>
 void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at::Tensor& h,
                            const at::Tensor& w, at::Tensor& grad_g, at::Tensor& grad_h,
@@ -198,71 +208,71 @@ void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
     Row<T> row(C, 3);
     T* u_buf = row.scratch(0, C);
-    T* u_share_g = row.scratch(1, C);  // u_k w_k, then dL/dg
-    T* u_share_h = row.scratch(2, C);  // u_k (1 - w_k), then dL/dh
+    T* grad_g_buf = row.scratch(1, C);  // u_k w_k, then dL/dg
+    T* grad_h_buf = row.scratch(2, C);  // u_k (1 - w_k), then dL/dh
     for (int64_t r = begin; r < end; ++r) {
       row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), T(w_ptr[r * w_stride]), is_gamma);
       const T* u = src_as_opmath(u_ptr + r * C, u_buf, C);
-      // a_k - b_k = (g_k - lse_g + log(1 - alpha)) - (h_k - lse_h + log(alpha))
-      const Vec shift_g(row.log_std - row.lse_g), shift_h(row.log_rob - row.lse_h);
-      const Vec coef_g(row.coef_g), coef_h(row.coef_h), floor(kLinearFloor<T>);
+      const Vec inv_sum_g(T(1) / row.sum_g), inv_sum_h(T(1) / row.sum_h);
       Vec sum_u(0), sum_ug(0), sum_uh(0), sum_dalpha(0);
       // Pass 1: shares and the row sums. Past C, loadu pads u with 0: no contribution.
       for (int64_t k = 0; k < C; k += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), C - k);
         const Vec uk = Vec::loadu(u + k, n);
-        const Vec pg = coef_g * Vec::loadu(row.exp_g + k, n);  // (1 - alpha) p_k
-        const Vec ph = coef_h * Vec::loadu(row.exp_h + k, n);  // alpha q_k
-        const Vec m = pg + ph;
-        const Vec u_over_m = Vec::blendv(uk / m, Vec(0), uk == Vec(0));  // 0, not 0/0, past C
-        Vec ug = u_over_m * pg, uh = u_over_m * ph;
-        const Vec tiny = m < floor;
-        if (lanes_set(tiny, n) || alpha_grad) {
-          const Vec a = Vec::loadu(row.g + k, n) + shift_g, b = Vec::loadu(row.h + k, n) + shift_h;
-          const Vec e = ratio(a - b), big = (Vec(1) + e).reciprocal(), small = e * big;
-          const Vec g_wins = a >= b;
+        const Vec pg = Vec(row.coef_g) * Vec::loadu(row.exp_g + k, n);  // (1 - alpha) p_k
+        const Vec ph = Vec(row.coef_h) * Vec::loadu(row.exp_h + k, n);  // alpha q_k
+        const Vec m = pg + ph, tiny = m < Vec(kLinearFloor<T>);
+        const Vec r_k = Vec::blendv(uk / m, Vec(0), uk == Vec(0));  // 0, not 0/0, past C
+        Vec ug = r_k * pg, uh = r_k * ph, dalpha(0);
+        if (alpha_grad) {
+          dalpha = r_k * (Vec::loadu(row.exp_h + k, n) * inv_sum_h -
+                          Vec::loadu(row.exp_g + k, n) * inv_sum_g);
+        }
+        if (lanes_set(tiny, n)) {  // log space: w_k = sigmoid(a_k - b_k)
+          const Vec a = row.a(k, n), b = row.b(k, n);
+          const Vec e = (a - b).abs().neg().exp_u20(), big = (Vec(1) + e).reciprocal();
+          const Vec small = e * big, g_wins = a >= b;
           ug = Vec::blendv(ug, uk * Vec::blendv(small, big, g_wins), tiny);
           uh = Vec::blendv(uh, uk * Vec::blendv(big, small, g_wins), tiny);
           if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
             const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
-            const Vec lp = Vec::loadu(row.g + k, n) - Vec(row.lse_g);
-            const Vec lq = Vec::loadu(row.h + k, n) - Vec(row.lse_h);
-            const Vec dz = (lq - z).exp() - (lp - z).exp();
-            sum_dalpha += Vec::blendv(Vec(0), uk * dz, uk != Vec(0));
+            const Vec lp = Vec::loadu(row.g + k, n) - Vec(row.lse_g());
+            const Vec lq = Vec::loadu(row.h + k, n) - Vec(row.lse_h());
+            const Vec exact = Vec::blendv(uk * ((lq - z).exp() - (lp - z).exp()), Vec(0),
+                                          uk == Vec(0));
+            dalpha = Vec::blendv(dalpha, exact, tiny);
           }
         }
-        ug.store(u_share_g + k, n);
-        uh.store(u_share_h + k, n);
+        ug.store(grad_g_buf + k, n);
+        uh.store(grad_h_buf + k, n);
         sum_u += uk;
         sum_ug += ug;
         sum_uh += uh;
+        sum_dalpha += dalpha;
       }
-      const T su = total(sum_u);
       // Pass 2: dL/dg_j = s_g (u_j w_j - p_j sum_k u_k w_k), likewise for h with 1 - w.
-      const Vec cg(total(sum_ug) * row.inv_sum_g * T(s_g)), ch(total(sum_uh) * row.inv_sum_h * T(s_h));
+      const Vec cg(total(sum_ug) * T(s_g) / row.sum_g), ch(total(sum_uh) * T(s_h) / row.sum_h);
       const Vec sg(static_cast<T>(s_g)), sh(static_cast<T>(s_h));
       for (int64_t k = 0; k < C; k += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec dg = sg * Vec::loadu(u_share_g + k, n) - cg * Vec::loadu(row.exp_g + k, n);
-        const Vec dh = sh * Vec::loadu(u_share_h + k, n) - ch * Vec::loadu(row.exp_h + k, n);
-        dg.store(u_share_g + k, n);
-        dh.store(u_share_h + k, n);
+        const Vec dg = sg * Vec::loadu(grad_g_buf + k, n) - cg * Vec::loadu(row.exp_g + k, n);
+        const Vec dh = sh * Vec::loadu(grad_h_buf + k, n) - ch * Vec::loadu(row.exp_h + k, n);
+        dg.store(grad_g_buf + k, n);
+        dh.store(grad_h_buf + k, n);
       }
-      at::vec::convert(u_share_g, gg_ptr + r * C, C);
-      at::vec::convert(u_share_h, gh_ptr + r * C, C);
-      // dL/dgamma = sum_k u_k (1 - w_k - alpha) with alpha = exp(log_rob).
-      const T suh = total(sum_uh);
-      gw_ptr[r] = static_cast<scalar_t>(
-          is_gamma ? suh - std::exp(row.log_rob) * su : (alpha_grad ? total(sum_dalpha) : T(0)));
+      at::vec::convert(grad_g_buf, gg_ptr + r * C, C);
+      at::vec::convert(grad_h_buf, gh_ptr + r * C, C);
+      // dL/dgamma = sum_k u_k (1 - w_k - alpha).
+      const T d_weight = is_gamma ? total(sum_uh) - row.weight_rob * total(sum_u)
+                                  : (alpha_grad ? total(sum_dalpha) : T(0));
+      gw_ptr[r] = static_cast<scalar_t>(d_weight);
     }
   });
 }
 
-void check_alpha_range(const at::Tensor& alpha) {
-  TORCH_CHECK(
-      alpha.numel() == 0 || ((alpha >= 0) & (alpha <= 1)).all().item<bool>(),
-      "adasmooth.mix: alpha must lie in [0, 1], got values in [", alpha.min().item<double>(),
-      ", ", alpha.max().item<double>(), "]");
+void check_alpha_range(bool ok, const at::Tensor& alpha) {
+  TORCH_CHECK(ok, "adasmooth.mix: alpha must lie in [0, 1], got values in [",
+              alpha.min().item<double>(), ", ", alpha.max().item<double>(), "]");
 }
 
 at::Tensor mix_forward_cpu(const at::Tensor& std_logits, const at::Tensor& rob_logits,
@@ -273,15 +283,16 @@ at::Tensor mix_forward_cpu(const at::Tensor& std_logits, const at::Tensor& rob_l
                                   is_gamma ? "gamma" : "alpha", std_scale, rob_scale)
                      .contiguous();
   TORCH_CHECK(std_logits.device().is_cpu(), op, ": expected CPU tensors");
-  if (!is_gamma) check_alpha_range(w);
   const at::Tensor g = std_logits.contiguous(), h = rob_logits.contiguous();
   at::Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
+  bool alpha_ok = true;  // checked by the kernel, row by row, at no extra pass
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mix_forward_cpu",
                                   [&] {
-                                    mix_forward_cpu_impl<scalar_t>(g, h, w, out, std_scale,
-                                                                   rob_scale, is_gamma);
+                                    alpha_ok = mix_forward_cpu_impl<scalar_t>(
+                                        g, h, w, out, std_scale, rob_scale, is_gamma);
                                   });
+  check_alpha_range(alpha_ok, w);
   return out;
 }
 
