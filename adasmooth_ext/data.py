@@ -22,7 +22,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["Splits", "as_loader", "cifar10", "cifar100", "digits"]
+__all__ = ["Splits", "as_loader", "cifar10", "cifar100", "digits", "split_names"]
+
+# The attribute that names the split a dataset of :class:`Splits` is (``"train"``, ...).
+SPLIT_TAG = "adasmooth_split"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,12 @@ class Splits:
     test: Dataset
     classes: list[str]
     input_shape: tuple[int, ...]  # one image, [C, H, W]
+
+    def __post_init__(self) -> None:
+        # Tag each dataset with its split, so that code that must never see the test split
+        # (MixedNUTS calibration) can refuse it however it is wrapped (see split_names).
+        for name in ("train", "calibration", "test"):
+            setattr(getattr(self, name), SPLIT_TAG, name)
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +72,24 @@ def as_loader(
         _check_item(dataset[0])
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def split_names(data: object) -> set[str]:
+    """The :class:`Splits` tags found in ``data``: a loader, a dataset, or wrappers of them
+    (``Subset``, ``ConcatDataset``, a ``DataLoader``'s ``dataset``), searched all the way down."""
+    names, stack, seen = set(), [data], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        tag = getattr(item, SPLIT_TAG, None)
+        if isinstance(tag, str):
+            names.add(tag)
+        inner = getattr(item, "dataset", None)
+        stack += [inner] if inner is not None else []
+        stack += list(getattr(item, "datasets", None) or [])
+    return names
 
 
 def _check_item(item: object) -> None:
