@@ -8,13 +8,11 @@ forward + backward, each shape on each device in its own group so the three sit 
 
 import pytest
 import torch
+from conftest import DEVICES, sync
 
-import adasmooth_ext
 from adasmooth_ext import lipschitz_certify
 from adasmooth_ext.reference import lipschitz_certify_reference
 
-HAS_CUDA = torch.cuda.is_available() and adasmooth_ext.build_info()["cuda"]
-DEVICES = ["cpu", *(["cuda"] if HAS_CUDA else [])]
 SHAPES = [(4096, 100), (1024, 1000)]
 
 
@@ -56,8 +54,7 @@ def test_lipschitz_certify(benchmark, device, shape, mode, impl):
 
     def timed():
         out = run()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return out
 
     out = timed()  # warm-up: torch.compile compiles here, outside the timing
