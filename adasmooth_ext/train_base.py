@@ -66,10 +66,9 @@ def train_classifier(
             logits = model.train()(x)
             loss = F.cross_entropy(logits, y)
             if method == "trades":
-                kl = F.kl_div(
-                    F.log_softmax(model(x_adv), 1), F.log_softmax(logits, 1), log_target=True
-                )
-                loss = loss + beta * kl * logits.shape[1]  # KL summed over classes, mean over x
+                log_adv, log_clean = F.log_softmax(model(x_adv), 1), F.log_softmax(logits, 1)
+                kl = F.kl_div(log_adv, log_clean, log_target=True, reduction="batchmean")
+                loss = loss + beta * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

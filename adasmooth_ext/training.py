@@ -262,14 +262,17 @@ class PolicyTrainer:
     # -----------------------------------------------------------------------------------------
     # Training
 
-    def fit(self, resume: str | os.PathLike | None = None) -> list[dict]:
-        """Train up to ``config.epochs`` (from ``resume``, a checkpoint, if given); after each
-        epoch validate, log and save. Returns the rows logged by this call."""
+    def fit(self, resume: str | os.PathLike | None = None, epochs: int | None = None) -> list[dict]:
+        """Train up to ``config.epochs`` (from ``resume``, a checkpoint, if given), or only
+        ``epochs`` more; after each epoch validate, log and save. Returns this call's rows."""
         if resume is not None:
             self.load(resume)
+        stop = (
+            self.config.epochs if epochs is None else min(self.config.epochs, self.epoch + epochs)
+        )
         rows = []
         writer = self._tensorboard()
-        while self.epoch < self.config.epochs:
+        while self.epoch < stop:
             self.sampler.set_epoch(self.epoch)
             losses = []
             bar = tqdm(

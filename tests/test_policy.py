@@ -155,8 +155,13 @@ def test_bad_configuration(kwargs):
         PolicyNetwork(**{"std_channels": (4, 8), "rob_channels": (4, 8), **kwargs})
 
 
+def bare_pair():
+    torch.manual_seed(1)
+    return [small_cnn(width=4).eval() for _ in range(2)]
+
+
 def test_from_models_plugs_into_mixed_classifier_and_records_one_pass():
-    g, h = (t.model for t in frozen_pair())
+    g, h = bare_pair()
     x = torch.rand(6, 1, 8, 8)
     policy = PolicyNetwork.from_models(g, h, x, SMALL_CNN_TAPS, width=8).eval()
     assert (policy.std_layers, policy.rob_layers) == (SMALL_CNN_TAPS, SMALL_CNN_TAPS)
@@ -175,9 +180,9 @@ def test_from_models_plugs_into_mixed_classifier_and_records_one_pass():
 
 
 def test_unknown_layers_and_shape_mismatch_are_named():
-    g, h = (t.model for t in frozen_pair())
+    g, h = bare_pair()
     x = torch.rand(2, 1, 8, 8)
-    with pytest.raises(ValueError, match="unknown layer 'stage9'.*closest: stage1"):
+    with pytest.raises(ValueError, match="unknown layer 'stage9' in Sequential; closest: .*stage1"):
         PolicyNetwork.from_models(g, h, x, ["stage1", "stage9"])
     policy = PolicyNetwork.from_models(g, h, x, SMALL_CNN_TAPS)
     wide = small_cnn(width=6).eval()
