@@ -244,7 +244,7 @@ def demo(args: argparse.Namespace) -> dict:
     g = train_classifier(small_cnn(**config), loader, epochs=args.epochs, device=device,
                          progress=args.progress)  # fmt: skip
     torch.manual_seed(seed + 1)
-    h = train_classifier(small_cnn(**rob_config), loader, method="pgd", eps=args.eps,
+    h = train_classifier(small_cnn(**rob_config), loader, method=args.rob_method, eps=args.eps,
                          epochs=args.epochs, device=device, progress=args.progress)  # fmt: skip
     save_small_cnn(out / "g.safetensors", g, config)
     save_small_cnn(out / "h.safetensors", h, rob_config)
@@ -446,9 +446,12 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     sub = add("demo", demo, [common, aa], "the whole job on digits, with the acceptance check")
-    sub.add_argument("--eps", type=float, default=0.3, help="ℓ∞ radius of h's training and attacks")
+    sub.add_argument(
+        "--eps", type=float, default=0.25, help="ℓ∞ radius of h's training and attacks"
+    )
+    sub.add_argument("--rob-method", choices=METHODS[1:], default="trades", help="h's training")
     sub.add_argument("--epochs", type=int, default=30, help="epochs of g and h")
-    sub.add_argument("--rob-width", type=int, default=4, help="width of h (g has 16)")
+    sub.add_argument("--rob-width", type=int, default=8, help="width of h (g has 16)")
     sub.add_argument("--policy-lr", type=float, default=1e-2)
     sub.add_argument("--policy-epochs", type=int, default=12)
     sub.add_argument("--policy-width", type=int, default=16)

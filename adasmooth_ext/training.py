@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from .attacks import APGD, PGD, evaluate
+from .attacks import APGD, PGD
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import as_loader
 from .mixed import MixedClassifier, MixedOutput
@@ -303,9 +303,9 @@ class PolicyTrainer:
         eps = cfg.eps[0] + (cfg.eps[1] - cfg.eps[0]) * torch.rand((), generator=budget).item()
         steps = int(torch.randint(cfg.steps[0], cfg.steps[1] + 1, (), generator=budget))
         w = cfg.w[0] + (cfg.w[1] - cfg.w[0]) * torch.rand((), generator=budget).item()
-        buffers = [b for b in self.policy.buffers() if b.is_floating_point()]
+        buffers = list(self.policy.buffers())
         start = [b.clone() for b in buffers]
-        ends = [torch.zeros_like(b) for b in buffers]
+        ends = [torch.zeros_like(b, dtype=torch.float64) for b in buffers]
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for i in range(cfg.accumulate):
@@ -331,12 +331,12 @@ class PolicyTrainer:
             total += loss.item() / cfg.accumulate
             for e, b in zip(ends, buffers, strict=True):
                 e.add_(b, alpha=1 / cfg.accumulate)
-        with torch.no_grad():
+        with torch.no_grad():  # BatchNorm statistics: the mean over shards (counts: one step's)
             for b, e in zip(buffers, ends, strict=True):
                 if self.world > 1:
                     dist.all_reduce(e)
                     e /= self.world
-                b.copy_(e)
+                b.copy_(e if b.is_floating_point() else e.round())
         if cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.clip_grad)
         self.optimizer.step()
@@ -375,20 +375,18 @@ class PolicyTrainer:
         cfg = self.config
         self.mixed.eval()
         attack = PGD(eps=cfg.val_eps, norm=cfg.norm, steps=cfg.val_steps, target="mix")
-        table = evaluate(self.mixed, self.val_loader, [attack], device=self.device, progress=False)
-        alphas = {"clean": [], "pgd": []}
+        sums = dict.fromkeys(("val_clean", "val_pgd", "val_alpha_clean", "val_alpha_pgd"), 0.0)
         for x, y in self.val_loader:
             x, y = x.to(self.device), y.to(self.device)
             x_adv = attack(self.mixed, x, y)
             with torch.no_grad():
-                alphas["clean"].append(self.mixed.forward_details(x).alpha)
-                alphas["pgd"].append(self.mixed.forward_details(x_adv).alpha)
-        return {
-            "val_clean": table["clean"].accuracy,
-            "val_pgd": table.rows[1].accuracy,
-            "val_alpha_clean": torch.cat(alphas["clean"]).mean().item(),
-            "val_alpha_pgd": torch.cat(alphas["pgd"]).mean().item(),
-        }
+                clean, adv = self.mixed.forward_details(x), self.mixed.forward_details(x_adv)
+            correct = clean.logits.argmax(1) == y
+            sums["val_clean"] += correct.sum().item()
+            sums["val_pgd"] += (correct & (adv.logits.argmax(1) == y)).sum().item()
+            sums["val_alpha_clean"] += clean.alpha.sum().item()
+            sums["val_alpha_pgd"] += adv.alpha.sum().item()
+        return {key: total / len(self.val_loader.dataset) for key, total in sums.items()}
 
     def _tensorboard(self):
         if self.rank != 0:
