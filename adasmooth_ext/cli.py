@@ -326,10 +326,11 @@ def _demo_report(args, results: dict, verdict: dict, seconds: float) -> str:
     backend = autoattack_backend()
     lines = [
         f"digits test split ({n} images), ℓ∞ ε = {args.eps}; accuracy % with 95% Wilson "
-        "intervals. PGD-20: white box, end to end (adasmooth). AutoAttack: standard "
-        f"APGD-CE, APGD-T, FAB-T, Square ({backend}), cascaded. Adaptive AutoAttack: standard "
-        f"AutoAttack then APGD-CE with the term −γ (w = {args.adaptive_w}) through the policy "
-        "(adasmooth), cascaded.",
+        "intervals. PGD-20: white box, end to end (adasmooth). AutoAttack: APGD-CE, APGD-T "
+        f"(9 targets), FAB-T, Square ({backend}), cascaded, end to end, with {args.aa_steps} "
+        f"steps and {args.square_queries} queries (the standard version has 100 and 5000). "
+        f"Adaptive AutoAttack: that, then APGD-CE with the term −γ (w = {args.adaptive_w}) "
+        "through the policy (adasmooth), cascaded.",
         "",
         "| model | clean | PGD-20 | AutoAttack | adaptive AutoAttack |",
         "|---|---|---|---|---|",
