@@ -1,87 +1,524 @@
-"""``python -m adasmooth_ext`` / ``adasmooth``: the command line.
+"""``python -m adasmooth_ext`` / ``adasmooth``: train, mix, attack and certify from the shell.
 
-``demo`` mixes two small classifiers trained on scikit-learn's bundled digits: an accurate one
-(``g``) and a noise-trained one (``h``), and shows the clean-vs-attacked trade-off of the mix
-as ``α`` moves from ``g`` to ``h``.
+Every command writes into one run folder (``--out``, default ``runs/<command>-<time>``):
+checkpoints (safetensors), tables (Markdown and JSON), plots and metrics. ``demo`` runs the
+whole job on the bundled digits: it trains ``g`` and an adversarially trained ``h``, sweeps
+fixed ``α``, trains the policy and evaluates everything end to end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch import Tensor, nn
+from scipy.stats import binomtest
+from torch import nn
 
-from . import build_info, mix
+from . import MixedClassifier, build_info
+from .attacks import PGD, EvalTable, autoattack, autoattack_backend, evaluate
+from .certify import plot_certified_accuracy, smoothed_certify, smoothing_curves
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import Splits, as_loader, cifar10, cifar100, digits
+from .models import SMALL_CNN_TAPS, load_small_cnn, save_small_cnn, small_cnn
+from .policy import PolicyNetwork
+from .train_base import METHODS, train_classifier
+from .training import CHECKPOINT_KIND, SETTINGS, PolicyTrainer, TrainConfig
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
 
 
-def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Digits as [N, 64] pixels in [0, 1], split 75/25 with a fixed permutation."""
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.75 * len(y))
-    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+def _splits(args: argparse.Namespace) -> Splits:
+    if args.data == "digits":
+        return digits()
+    if args.data_root is None:
+        raise ValueError(f"--data {args.data} needs --data-root, the folder holding the dataset")
+    return (cifar10 if args.data == "cifar10" else cifar100)(args.data_root)
 
 
-def _train(x: Tensor, y: Tensor, noise: float, seed: int, epochs: int = 60) -> nn.Module:
+def _run_dir(args: argparse.Namespace) -> Path:
+    if args.out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = os.path.join("runs", f"{args.command}-{stamp}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _say(args: argparse.Namespace, *text: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*text, flush=True)
+
+
+def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """The policy and its ``alpha_range`` from a :class:`PolicyTrainer` checkpoint."""
+    state = load_checkpoint(
+        path, CHECKPOINT_KIND, required=("policy_config", "policy", "alpha_range"), device=device
+    )
+    policy = PolicyNetwork(**state["policy_config"])
+    try:
+        policy.load_state_dict(state["policy"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit its config ({err})") from None
+    return policy.to(device).eval(), state["alpha_range"]
+
+
+def _mixed(args: argparse.Namespace, g: nn.Module, h: nn.Module) -> MixedClassifier:
+    if args.policy is not None:
+        policy, alpha_range = load_policy(args.policy, args.device)
+        return MixedClassifier(g, h, policy=policy, alpha_range=alpha_range)
+    return MixedClassifier(g, h, alpha=args.alpha)
+
+
+def _wilson(correct: int, total: int) -> tuple[float, float]:
+    ci = binomtest(correct, total).proportion_ci(0.95, method="wilson")
+    return ci.low, ci.high
+
+
+def _cell(correct: int, total: int) -> str:
+    lo, hi = _wilson(correct, total)
+    return f"{100 * correct / total:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _save_table(out: Path, name: str, table: EvalTable) -> None:
+    (out / f"{name}.md").write_text(table.to_markdown() + "\n")
+    (out / f"{name}.json").write_text(json.dumps(table.to_dicts(), indent=1))
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def train_base(args: argparse.Namespace) -> Path:
+    """Train a small CNN (standard, PGD or TRADES) and report its test accuracy."""
+    out, splits = _run_dir(args), _splits(args)
+    torch.manual_seed(args.seed)
+    config = dict(
+        num_classes=splits.num_classes, in_channels=splits.input_shape[0], width=args.width
+    )
+    model = small_cnn(**config)
+    loader = as_loader(splits.train, args.batch_size, shuffle=True, seed=args.seed)
+    train_classifier(
+        model,
+        loader,
+        method=args.method,
+        epochs=args.epochs,
+        lr=args.lr,
+        eps=args.eps,
+        steps=args.steps,
+        device=args.device,
+        progress=args.progress,
+    )
+    path = out / "model.safetensors"
+    save_small_cnn(path, model, config)
+    attacks = [PGD(eps=args.eps, steps=20)] if args.eps > 0 else []
+    table = evaluate(model, as_loader(splits.test, 256), attacks, progress=args.progress)
+    _save_table(out, "test", table)
+    _say(args, f"saved {path}\n{table}")
+    return path
+
+
+def train_policy(args: argparse.Namespace) -> Path:
+    """Train the adaptive policy of a mix of two saved base models."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    out, splits = _run_dir(args), _splits(args)
+    g, h = load_small_cnn(args.std, args.device), load_small_cnn(args.rob, args.device)
+    torch.manual_seed(args.seed)
+    example = torch.stack([splits.train[i][0] for i in range(2)]).to(args.device)
+    policy = PolicyNetwork.from_models(
+        g, h, example, args.layers, width=args.policy_width, blocks=tuple(args.policy_blocks)
+    ).to(args.device)
+    mixed = MixedClassifier(g, h, policy=policy, alpha_range=args.alpha_range)
+    config = TrainConfig(
+        setting=args.setting,
+        eps=tuple(args.eps_range),
+        steps=tuple(args.steps_range),
+        w=tuple(args.w_range),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        bf16=args.bf16,
+        val_eps=args.val_eps,
+        accumulate=args.accumulate,
+        seed=args.seed,
+    )
+    trainer = PolicyTrainer(
+        mixed, splits.train, splits.calibration, config, out, args.device, args.progress
+    )
+    rows = trainer.fit(resume=args.resume)
+    for row in rows:
+        _say(
+            args,
+            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+        )
+    _say(args, f"saved {trainer.checkpoint_path}")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return trainer.checkpoint_path
+
+
+def evaluate_cmd(args: argparse.Namespace) -> EvalTable:
+    """Clean, PGD and (optionally adaptive) AutoAttack accuracy of a model or a mix."""
+    out, splits = _run_dir(args), _splits(args)
+    g = load_small_cnn(args.std, args.device)
+    model = g if args.rob is None else _mixed(args, g, load_small_cnn(args.rob, args.device))
+    loader = as_loader(_subset(splits.test, args.limit), args.batch_size)
+    attacks = [PGD(eps=args.eps, steps=args.pgd_steps)]
+    table = evaluate(model, loader, attacks, progress=args.progress)
+    _save_table(out, "pgd", table)
+    _say(args, table.to_markdown())
+    if args.autoattack:
+        adaptive = args.adaptive_w if getattr(model, "policy", None) is not None else None
+        aa = _autoattack(args, model, loader, adaptive)
+        _save_table(out, "autoattack", aa)
+        _say(args, aa.to_markdown())
+    return table
+
+
+def certify_cmd(args: argparse.Namespace) -> Path:
+    """Randomized-smoothing certificates of ``h`` and of its fixed-α mixes (ℓ2, Theorem 3.7)."""
+    out, splits = _run_dir(args), _splits(args)
+    h = load_small_cnn(args.rob, args.device)
+    x, y = _stack(_subset(splits.test, args.limit))
+    cert = smoothed_certify(
+        h, x.to(args.device), args.sigma, n=args.n, batch_size=args.n, progress=args.progress
+    )
+    radii = torch.linspace(0, args.max_radius, 41)
+    curves = smoothing_curves(cert, y, radii, args.alphas)
+    path = plot_certified_accuracy(radii, curves, out / "certified.png")
+    (out / "certified.json").write_text(
+        json.dumps({"radii": radii.tolist(), **{k: v.tolist() for k, v in curves.items()}})
+    )
+    for label, acc in curves.items():
+        _say(args, f"{label}: certified accuracy {100 * acc[0]:.1f}% at r > 0")
+    _say(args, f"saved {path}")
+    return path
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """Clean vs robust accuracy of fixed-α mixes (the paper's Figure 4)."""
+    out, splits = _run_dir(args), _splits(args)
+    g, h = load_small_cnn(args.std, args.device), load_small_cnn(args.rob, args.device)
+    loader = as_loader(_subset(splits.test, args.limit), args.batch_size)
+    rows = _sweep(args, g, h, loader, args.alphas)
+    _plot_tradeoff(rows, out / "sweep.png", f"fixed-α mixes, {rows[0]['attack']}")
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        _say(args, f"α = {row['alpha']:.2f}: clean {row['clean']:.3f}, robust {row['robust']:.3f}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+
+
+def demo(args: argparse.Namespace) -> dict:
+    """The whole job on digits; prints the table and whether the acceptance criteria hold."""
+    start = time.time()
+    out, splits = _run_dir(args), _splits(args)
+    device, seed = args.device, args.seed
+    loader = as_loader(splits.train, 64, shuffle=True, seed=seed)
+    test = as_loader(_subset(splits.test, args.limit), 512)
+    config = dict(num_classes=splits.num_classes, in_channels=splits.input_shape[0], width=16)
+    rob_config = config | {"width": args.rob_width}
+    _say(args, f"adasmooth {build_info()['version']} demo: {args.data}, ε = {args.eps} (ℓ∞)")
+
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y)).split(128):
-            inputs = x[idx] + noise * torch.randn_like(x[idx])
-            loss = F.cross_entropy(model(inputs), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval().requires_grad_(False)
+    g = train_classifier(small_cnn(**config), loader, epochs=args.epochs, device=device,
+                         progress=args.progress)  # fmt: skip
+    torch.manual_seed(seed + 1)
+    h = train_classifier(small_cnn(**rob_config), loader, method=args.rob_method, eps=args.eps,
+                         epochs=args.epochs, device=device, progress=args.progress)  # fmt: skip
+    save_small_cnn(out / "g.safetensors", g, config)
+    save_small_cnn(out / "h.safetensors", h, rob_config)
+
+    rows = _sweep(args, g, h, test, args.alphas)
+    _plot_tradeoff(rows, out / "sweep.png", f"fixed-α mixes, {rows[0]['attack']}")
+
+    torch.manual_seed(seed + 2)
+    example = torch.stack([splits.train[i][0] for i in range(2)]).to(device)
+    policy = PolicyNetwork.from_models(g, h, example, SMALL_CNN_TAPS, width=args.policy_width)
+    mixed = MixedClassifier(g, h, policy=policy.to(device), alpha_range=args.alpha_range)
+    config_p = TrainConfig(
+        setting=args.setting,
+        eps=(0.5 * args.eps, 1.25 * args.eps),
+        steps=(3, 10),
+        w=(0.0, 0.5),
+        epochs=args.policy_epochs,
+        batch_size=64,
+        lr=args.policy_lr,
+        val_eps=args.eps,
+        seed=seed,
+    )
+    PolicyTrainer(
+        mixed, splits.train, splits.calibration, config_p, out, device, args.progress
+    ).fit()
+
+    models = {"g": g, "h": h}
+    models |= {f"mix α={a:g}": MixedClassifier(g, h, alpha=a) for a in args.table_alphas}
+    models["adaptive mix"] = mixed
+    results = {}
+    for name, model in models.items():
+        table = evaluate(model, test, [PGD(eps=args.eps, steps=20)], progress=False)
+        adaptive = args.adaptive_w if model is mixed else None
+        aa = _autoattack(args, model, test, adaptive)
+        results[name] = _summary(table, aa, adaptive is not None)
+        _say(args, f"{name}: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in results[name].items()))
+    verdict = _acceptance(results, rows)
+    report = _demo_report(args, results, verdict, time.time() - start)
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(json.dumps({"results": results, "verdict": verdict}))
+    _plot_tradeoff(rows, out / "tradeoff.png", "digits demo", results)
+    _say(args, report)
+    return {"results": results, "verdict": verdict}
 
 
-def _fgsm(g: nn.Module, h: nn.Module, alpha: float, x: Tensor, y: Tensor, eps: float) -> Tensor:
-    """One signed-gradient step through the whole mixed classifier (white box)."""
-    x = x.clone().requires_grad_(True)
-    loss = F.nll_loss(mix(g(x), h(x), alpha), y)
-    (grad,) = torch.autograd.grad(loss, x)
-    return (x + eps * grad.sign()).clamp(0, 1).detach()
+def _summary(pgd: EvalTable, aa: EvalTable, adaptive: bool) -> dict[str, tuple[int, int]]:
+    """(correct, total) per column: clean, PGD-20, AutoAttack standard, adaptive AutoAttack."""
+    standard = aa.rows[-3] if adaptive else aa.rows[-2]  # the last row is the worst case
+    cols = {"clean": pgd["clean"], "pgd20": pgd.rows[1], "aa": standard}
+    cols["aa_adaptive"] = aa.rows[-2] if adaptive else standard
+    return {k: (r.correct, r.total) for k, r in cols.items()}
 
 
-def demo(args: argparse.Namespace) -> None:
-    x_train, y_train, x_test, y_test = _digits(args.seed)
-    g = _train(x_train, y_train, noise=0.0, seed=args.seed)
-    h = _train(x_train, y_train, noise=args.noise, seed=args.seed + 1)
-    print(f"adasmooth {build_info()['version']}: digits, {len(y_test)} test images, eps={args.eps}")
-    print("| alpha | clean acc | FGSM acc |")
-    print("|------:|----------:|---------:|")
+def _acceptance(results: dict, sweep_rows: list[dict]) -> dict[str, bool]:
+    """The issue's three claims: the first two on the adaptive mix's worst (adaptive)
+    AutoAttack accuracy; the third against the fixed-α sweep, all under the same PGD-20."""
+
+    def acc(name: str, col: str) -> float:
+        correct, total = results[name][col]
+        return correct / total
+
+    clean_g, clean_h, clean_a = acc("g", "clean"), acc("h", "clean"), acc("adaptive mix", "clean")
+    robust_h, robust_a = acc("h", "aa"), acc("adaptive mix", "aa_adaptive")
+    pgd_a = acc("adaptive mix", "pgd20")
+    rivals = [r["clean"] for r in sweep_rows if r["robust"] >= pgd_a]
+    return {
+        "h is at least 5 points less accurate than g": clean_g - clean_h >= 0.05,
+        "closes at least half of the clean gap from h to g": clean_a - clean_h
+        >= 0.5 * (clean_g - clean_h),
+        "keeps at least 85% of h's AutoAttack accuracy": robust_a >= 0.85 * robust_h,
+        "at least as accurate as every fixed-α mix at least as robust (PGD-20 sweep)": all(
+            clean_a >= c for c in rivals
+        ),
+    }
+
+
+def _demo_report(args, results: dict, verdict: dict, seconds: float) -> str:
+    n = next(iter(results.values()))["clean"][1]
+    backend = autoattack_backend()
+    lines = [
+        f"digits test split ({n} images), ℓ∞ ε = {args.eps}; accuracy % with 95% Wilson "
+        "intervals. PGD-20: white box, end to end (adasmooth). AutoAttack: APGD-CE, APGD-T "
+        f"(9 targets), FAB-T, Square ({backend}), cascaded, end to end, with {args.aa_steps} "
+        f"steps and {args.square_queries} queries (the standard version has 100 and 5000). "
+        f"Adaptive AutoAttack: that, then APGD-CE with the term −γ (w = {args.adaptive_w}) "
+        "through the policy (adasmooth), cascaded.",
+        "",
+        "| model | clean | PGD-20 | AutoAttack | adaptive AutoAttack |",
+        "|---|---|---|---|---|",
+    ]
+    for name, cols in results.items():
+        cells = [_cell(*cols[k]) for k in ("clean", "pgd20", "aa", "aa_adaptive")]
+        if name != "adaptive mix":
+            cells[-1] = "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Acceptance:"]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {claim}" for claim, ok in verdict.items()]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines += ["", f"{when}; {_machine()}; {seconds / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of several commands
+
+
+def _autoattack(args, model: nn.Module, loader, adaptive_w: float | None) -> EvalTable:
+    return autoattack(
+        model,
+        loader,
+        eps=args.eps,
+        adaptive_w=adaptive_w,
+        steps=args.aa_steps,
+        square_queries=args.square_queries,
+        progress=args.progress,
+    )
+
+
+def _sweep(args, g: nn.Module, h: nn.Module, loader, alphas: Sequence[float]) -> list[dict]:
     rows = []
-    for alpha in args.alphas:
-        with torch.no_grad():
-            clean = (mix(g(x_test), h(x_test), alpha).argmax(1) == y_test).float().mean().item()
-        x_adv = _fgsm(g, h, alpha, x_test, y_test, args.eps)
-        with torch.no_grad():
-            robust = (mix(g(x_adv), h(x_adv), alpha).argmax(1) == y_test).float().mean().item()
-        rows.append({"alpha": alpha, "clean": clean, "fgsm": robust})
-        print(f"| {alpha:5.2f} | {100 * clean:8.2f}% | {100 * robust:7.2f}% |")
-    if args.json:
-        print(json.dumps(rows))
+    for alpha in alphas:
+        model = MixedClassifier(g, h, alpha=alpha)
+        attack = PGD(eps=args.eps, steps=20)
+        table = evaluate(model, loader, [attack], progress=False)
+        rows.append(
+            dict(
+                alpha=alpha,
+                clean=table["clean"].accuracy,
+                robust=table.rows[1].accuracy,
+                attack=f"{attack.name}, {attack.backend}",
+            )
+        )
+    return rows
+
+
+def _plot_tradeoff(rows: list[dict], path: Path, title: str, points: dict | None = None) -> Path:
+    """Clean vs robust accuracy of the fixed-α mixes, with named models (AutoAttack) on top."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([100 * r["robust"] for r in rows], [100 * r["clean"] for r in rows], "o-",
+            label="fixed α, PGD-20")  # fmt: skip
+    for r in rows:
+        ax.annotate(f"{r['alpha']:g}", (100 * r["robust"], 100 * r["clean"]), fontsize=7)
+    for name, cols in (points or {}).items():
+        (rc, n), (cc, _) = cols["aa_adaptive"], cols["clean"]
+        ax.plot(100 * rc / n, 100 * cc / n, "*" if name == "adaptive mix" else "s", ms=9,
+                label=f"{name} (AutoAttack)")  # fmt: skip
+    ax.set(xlabel="robust accuracy (%)", ylabel="clean accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _subset(dataset, limit: int | None):
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, range(limit))
+
+
+def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(x), torch.as_tensor(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adasmooth", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", choices=("digits", "cifar10", "cifar100"), default="digits")
+    common.add_argument("--data-root", help="folder holding the CIFAR dataset folder")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--out", help="run folder (default runs/<command>-<time>)")
+    common.add_argument("--no-progress", dest="progress", action="store_false")
+    models = argparse.ArgumentParser(add_help=False)
+    models.add_argument("--std", required=True, help="g: a small-cnn checkpoint")
+    models.add_argument("--rob", help="h: a small-cnn checkpoint")
+    budget = argparse.ArgumentParser(add_help=False)
+    budget.add_argument("--eps", type=float, default=0.2, help="ℓ∞ radius of the attacks")
+    budget.add_argument("--limit", type=int, help="only the first LIMIT test images")
+    budget.add_argument("--batch-size", type=int, default=512)
+    aa = argparse.ArgumentParser(add_help=False)
+    aa.add_argument("--aa-steps", type=int, default=100, help="APGD/FAB steps (100: standard)")
+    aa.add_argument("--square-queries", type=int, default=5000, help="5000: standard")
+    aa.add_argument("--adaptive-w", type=float, default=0.5, help="weight of the α term")
+
+    def add(name, run, parents, help):
+        sub = commands.add_parser(name, parents=parents, help=help, description=run.__doc__)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = add("demo", demo, [common, aa], "the whole job on digits, with the acceptance check")
+    sub.add_argument(
+        "--eps", type=float, default=0.25, help="ℓ∞ radius of h's training and attacks"
+    )
+    sub.add_argument("--rob-method", choices=METHODS[1:], default="trades", help="h's training")
+    sub.add_argument("--epochs", type=int, default=30, help="epochs of g and h")
+    sub.add_argument("--rob-width", type=int, default=8, help="width of h (g has 16)")
+    sub.add_argument("--policy-lr", type=float, default=1e-2)
+    sub.add_argument("--policy-epochs", type=int, default=12)
+    sub.add_argument("--policy-width", type=int, default=16)
+    sub.add_argument("--setting", choices=SETTINGS, default="B")
+    sub.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    sub.add_argument("--alphas", type=float, nargs="+", default=[i / 10 for i in range(11)])
+    sub.add_argument("--table-alphas", type=float, nargs="+", default=[0.7, 0.9])
+    sub.set_defaults(aa_steps=20, square_queries=500)
+    sub.add_argument("--limit", type=int, help="only the first LIMIT test images")
+
+    sub = add("train-base", train_base, [common], "train g (standard) or h (PGD, TRADES)")
+    sub.add_argument("--method", choices=METHODS, default="standard")
+    sub.add_argument("--eps", type=float, default=0.0, help="ℓ∞ training radius (pgd, trades)")
+    sub.add_argument("--steps", type=int, default=7, help="attack steps per training batch")
+    sub.add_argument("--epochs", type=int, default=30)
+    sub.add_argument("--width", type=int, default=16)
+    sub.add_argument("--batch-size", type=int, default=64)
+    sub.add_argument("--lr", type=float, default=3e-3)
+
+    sub = add("train-policy", train_policy, [common, models], "train the adaptive policy")
+    sub.add_argument("--setting", choices=SETTINGS, default="B")
+    sub.add_argument("--eps-range", type=float, nargs=2, default=(0.1, 0.25), metavar=("LO", "HI"))
+    sub.add_argument("--steps-range", type=int, nargs=2, default=(3, 10), metavar=("LO", "HI"))
+    sub.add_argument("--w-range", type=float, nargs=2, default=(0.0, 0.5), metavar=("LO", "HI"))
+    sub.add_argument("--val-eps", type=float, default=0.2)
+    sub.add_argument("--epochs", type=int, default=12)
+    sub.add_argument("--batch-size", type=int, default=64, help="global batch")
+    sub.add_argument("--accumulate", type=int, default=1, help="micro-batches per batch")
+    sub.add_argument("--lr", type=float, default=2e-3)
+    sub.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    sub.add_argument("--layers", nargs=2, default=list(SMALL_CNN_TAPS), help="tapped layers")
+    sub.add_argument("--policy-width", type=int, default=16)
+    sub.add_argument("--policy-blocks", type=int, nargs=2, default=(1, 1))
+    sub.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    sub.add_argument("--resume", help="a policy.safetensors checkpoint to continue from")
+
+    sub = add("evaluate", evaluate_cmd, [common, models, budget, aa], "attack a model or a mix")
+    weight = sub.add_mutually_exclusive_group()
+    weight.add_argument("--policy", help="a policy.safetensors checkpoint (adaptive mix)")
+    weight.add_argument("--alpha", type=float, default=0.5, help="a fixed α")
+    sub.add_argument("--pgd-steps", type=int, default=20)
+    sub.add_argument("--autoattack", action="store_true", help="also AutoAttack (+ adaptive)")
+
+    sub = add("certify", certify_cmd, [common], "randomized-smoothing certificates of h's mixes")
+    sub.add_argument("--rob", required=True, help="h: a small-cnn checkpoint")
+    sub.add_argument("--sigma", type=float, default=0.25)
+    sub.add_argument("--n", type=int, default=1000, help="Monte Carlo samples per image")
+    sub.add_argument("--alphas", type=float, nargs="+", default=[0.6, 0.8, 0.9])
+    sub.add_argument("--max-radius", type=float, default=1.0)
+    sub.add_argument("--limit", type=int, default=100, help="only the first LIMIT test images")
+
+    sub = add("sweep", sweep, [common, models, budget], "fixed-α clean vs robust trade-off plot")
+    sub.add_argument("--alphas", type=float, nargs="+", default=[i / 10 for i in range(11)])
+
+    info = commands.add_parser("info", help="print build info")
+    info.set_defaults(run=lambda _: print(json.dumps(build_info())))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="adasmooth", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="mix two small digit classifiers")
-    demo_parser.add_argument("--seed", type=int, default=0)
-    demo_parser.add_argument("--noise", type=float, default=0.5, help="h's training noise std")
-    demo_parser.add_argument("--eps", type=float, default=0.1, help="FGSM l-inf radius")
-    demo_parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    demo_parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
-    demo_parser.set_defaults(run=demo)
-    commands.add_parser("info", help="print build info").set_defaults(
-        run=lambda _: print(json.dumps(build_info()))
-    )
+    parser = _parser()
     args = parser.parse_args(argv)
-    args.run(args)
+    if getattr(args, "rob", "") is None and args.command == "sweep":
+        parser.error("sweep needs --rob")
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"adasmooth {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -6,23 +6,25 @@ logit gaps are (no gradient masking by underflow).
 
 **Policy protocol.** A policy is any ``nn.Module`` returning ``γ`` (``[B]`` or ``[B, 1]``), with
 ``α = σ(γ)``. A policy that reads the base models' intermediate features declares them by name
-in two attributes, ``std_layers`` and ``rob_layers`` (names from ``named_modules()`` of ``g`` and
-``h``); it is then called as ``policy(x, std_features, rob_features)``, with the lists of those
-layers' outputs, captured by forward hooks during the one forward pass of ``g`` and ``h`` that also
-gives the logits. A policy without these attributes is called as ``policy(x)``.
+in two attributes, ``std_layers`` and ``rob_layers`` (non-empty; names from ``named_modules()`` of
+``g`` and ``h``); it is then called as ``policy(std_features, rob_features)``, with the lists of
+those layers' outputs, recorded by :class:`~adasmooth_ext.features.FeatureTap` during the one
+forward pass of ``g`` and ``h`` that also gives the logits (as
+:class:`~adasmooth_ext.policy.PolicyNetwork` is). A policy without these attributes is called as
+``policy(x)``. The α range is applied here, and only here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .features import FeatureTap
 from .ops import mix, mix_gamma
 
 __all__ = ["MixedClassifier", "MixedOutput"]
@@ -36,37 +38,6 @@ class MixedOutput(NamedTuple):
     gamma: Tensor | None  # [B] the policy's raw output; None for a fixed α
     std_logits: Tensor  # [B, C] g(x)
     rob_logits: Tensor  # [B, C] h(x)
-
-
-@contextmanager
-def _capture(model: nn.Module, names: Sequence[str]) -> Iterator[list[Tensor | None]]:
-    """Records the outputs of ``model``'s submodules ``names`` while the block runs."""
-    outputs: list[Tensor | None] = [None] * len(names)
-
-    def hook_for(i: int):
-        def hook(module, args, output):
-            outputs[i] = output
-
-        return hook
-
-    handles = [
-        model.get_submodule(name).register_forward_hook(hook_for(i)) for i, name in enumerate(names)
-    ]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _check_layers(model: nn.Module, names: Sequence[str], which: str) -> None:
-    known = {name for name, _ in model.named_modules()}
-    missing = [name for name in names if name not in known]
-    if missing:
-        raise ValueError(
-            f"MixedClassifier: the policy's {which}_layers name {missing}, which {which}_model "
-            f"does not have (see {which}_model.named_modules())"
-        )
 
 
 class MixedClassifier(nn.Module):
@@ -120,11 +91,21 @@ class MixedClassifier(nn.Module):
         self.register_buffer("alpha", None if alpha is None else torch.tensor(float(alpha)))
         self.std_scale, self.rob_scale = float(std_scale), float(rob_scale)
         self.alpha_range = None if alpha_range is None else (float(lo), float(hi))
+        self._policy_reads_features = hasattr(policy, "std_layers") or hasattr(policy, "rob_layers")
         self.std_layers: tuple[str, ...] = tuple(getattr(policy, "std_layers", ()))
         self.rob_layers: tuple[str, ...] = tuple(getattr(policy, "rob_layers", ()))
-        self._policy_reads_features = hasattr(policy, "std_layers") or hasattr(policy, "rob_layers")
-        _check_layers(std_model, self.std_layers, "std")
-        _check_layers(rob_model, self.rob_layers, "rob")
+        if self._policy_reads_features:
+            for which, model, names in (
+                ("std", std_model, self.std_layers),
+                ("rob", rob_model, self.rob_layers),
+            ):
+                try:
+                    FeatureTap(model, names).remove()  # checks the names, taps nothing yet
+                except ValueError as err:
+                    raise ValueError(
+                        f"MixedClassifier: the policy's {which}_layers {list(names)} do not fit "
+                        f"{which}_model: {err}"
+                    ) from None
         self.eval()  # an evaluation wrapper first; .train() switches the policy to training
 
     def train(self, mode: bool = True) -> MixedClassifier:
@@ -150,12 +131,13 @@ class MixedClassifier(nn.Module):
                     f"MixedClassifier: {which} is in training mode; the base models must stay in "
                     "eval mode (call .eval() on it)"
                 )
-        with (
-            _capture(self.std_model, self.std_layers) as std_features,
-            _capture(self.rob_model, self.rob_layers) as rob_features,
-        ):
+        with ExitStack() as taps:
+            if self._policy_reads_features:
+                std_tap = taps.enter_context(FeatureTap(self.std_model, self.std_layers))
+                rob_tap = taps.enter_context(FeatureTap(self.rob_model, self.rob_layers))
             std_logits = self.std_model(x)
             rob_logits = self.rob_model(x)
+            features = (std_tap.features, rob_tap.features) if self._policy_reads_features else ()
         dtype = torch.promote_types(std_logits.dtype, rob_logits.dtype)
         std_logits, rob_logits = std_logits.to(dtype), rob_logits.to(dtype)
         batch = std_logits.shape[0]
@@ -165,31 +147,18 @@ class MixedClassifier(nn.Module):
             logits = mix(std_logits, rob_logits, alpha, self.std_scale, self.rob_scale)
             return MixedOutput(logits, alpha.expand(batch), None, std_logits, rob_logits)
 
-        gamma = self._policy_gamma(x, std_features, rob_features, batch).to(dtype)
-        weight = self._range(gamma)
-        if detach_alpha:
-            weight = weight.detach()
-        logits = mix_gamma(std_logits, rob_logits, weight, self.std_scale, self.rob_scale)
-        return MixedOutput(logits, torch.sigmoid(weight), gamma, std_logits, rob_logits)
-
-    def _policy_gamma(
-        self, x: Tensor, std_features: list, rob_features: list, batch: int
-    ) -> Tensor:
-        if self._policy_reads_features:
-            names = [f"std_model.{n}" for n in self.std_layers]
-            names += [f"rob_model.{n}" for n in self.rob_layers]
-            for name, feature in zip(names, std_features + rob_features, strict=True):
-                if feature is None:
-                    raise RuntimeError(f"MixedClassifier: layer {name} did not run in forward")
-            gamma = self.policy(x, std_features, rob_features)
-        else:
-            gamma = self.policy(x)
+        gamma = self.policy(*features) if features else self.policy(x)
         if gamma.numel() != batch:
             raise ValueError(
                 f"MixedClassifier: the policy must return γ of shape [B] or [B, 1] with B = "
                 f"{batch}, got {tuple(gamma.shape)}"
             )
-        return gamma.reshape(batch)
+        gamma = gamma.reshape(batch).to(dtype)
+        weight = self._range(gamma)
+        if detach_alpha:
+            weight = weight.detach()
+        logits = mix_gamma(std_logits, rob_logits, weight, self.std_scale, self.rob_scale)
+        return MixedOutput(logits, torch.sigmoid(weight), gamma, std_logits, rob_logits)
 
     def _range(self, gamma: Tensor) -> Tensor:
         """The ``γ'`` with ``σ(γ') = lo + (hi − lo)·σ(γ)``: ``log α − log(1 − α)``, from

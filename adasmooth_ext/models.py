@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
-__all__ = ["SMALL_CNN_TAPS", "small_cnn"]
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = ["SMALL_CNN_TAPS", "load_small_cnn", "save_small_cnn", "small_cnn"]
 
 # The two depths of small_cnn the policy reads: full and half resolution.
 SMALL_CNN_TAPS = ("stage1", "stage2")
@@ -42,3 +46,19 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> n
             head=nn.Linear(4 * width, num_classes),
         )
     )
+
+
+def save_small_cnn(path: str | os.PathLike, model: nn.Module, config: dict) -> None:
+    """Save a :func:`small_cnn` built with ``config`` (its keyword arguments), atomically."""
+    save_checkpoint(path, {"config": dict(config), "model": model.state_dict()}, "small-cnn")
+
+
+def load_small_cnn(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Sequential:
+    """The :func:`small_cnn` saved at ``path``, in eval mode, on ``device``."""
+    state = load_checkpoint(path, "small-cnn", required=("config", "model"), device=device)
+    model = small_cnn(**state["config"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit its config ({err})") from None
+    return model.to(device).eval()

@@ -1,18 +1,13 @@
 """The policy network ``γ(x)`` of adaptive smoothing (DESIGN.md §3, paper Fig. 3), and ``α``.
 
-Wiring: each frozen base model carries a :class:`~adasmooth_ext.features.FeatureTap` on two
-layers (a shallow one and a deeper one at half the resolution); one forward pass of each gives
-its logits and its features, the policy turns the features into ``γ``, and ``mix_gamma``
-mixes with ``α = σ(γ)``::
+Wiring: the policy names the layers it reads (``std_layers`` of ``g``, ``rob_layers`` of ``h``;
+a shallow one and a deeper one at half the resolution) and :class:`~adasmooth_ext.mixed.
+MixedClassifier` records them with :class:`~adasmooth_ext.features.FeatureTap` during the one
+forward pass of each base model that also gives its logits, then mixes with ``α = σ(γ)``
+(squeezed into its ``alpha_range``, which only the classifier applies)::
 
-    g_tap = FeatureTap(g.eval().requires_grad_(False), ["stage1", "stage2"])
-    h_tap = FeatureTap(h.eval().requires_grad_(False), ["stage1", "stage2"])
-    g_logits, g_features = g_tap(x)
-    h_logits, h_features = h_tap(x)
-    policy = PolicyNetwork.from_features(g_features, h_features)  # sized once, from examples
-    gamma = policy(g_features, h_features)                         # [B]
-    z = mix_gamma(g_logits, h_logits, gamma)                       # mixed log-probabilities
-    z = mix_gamma(g_logits, h_logits, squeeze_gamma(gamma, lo, hi))  # α in [lo, hi] (eval)
+    policy = PolicyNetwork.from_models(g, h, x_example, ["stage1", "stage2"], width=16)
+    mixed = MixedClassifier(g, h, policy=policy)   # calls policy(std_features, rob_features)
 
 The features keep their autograd graph back to ``x``, so a white-box attack differentiates
 through the policy; only the policy's parameters train.
@@ -20,7 +15,6 @@ through the policy; only the policy's parameters train.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PolicyNetwork", "alpha_from_gamma", "squeeze_gamma"]
+from .features import FeatureTap
+from .models import SMALL_CNN_TAPS
+
+__all__ = ["PolicyNetwork"]
 
 
 class _ResBlock(nn.Module):
@@ -91,9 +88,12 @@ class PolicyNetwork(nn.Module):
         blocks: residual blocks in the stage before and the stage after the merge.
         shallow_stride: stride of the first stage; the deep maps must have the size of the
             shallow maps after it (2 for adjacent stages of most CNNs).
+        std_layers, rob_layers: the (shallow, deep) layer names of ``g`` and ``h`` the policy
+            reads (:class:`~adasmooth_ext.mixed.MixedClassifier`'s policy protocol).
 
     ``forward(std_features, rob_features)`` takes ``[shallow, deep]`` of each model and returns
-    ``γ`` of shape ``[B]``. :meth:`from_features` sizes the network from example features;
+    ``γ`` of shape ``[B]``. :meth:`from_models` / :meth:`from_features` size the network from
+    example inputs / features;
     ``config`` holds the constructor's arguments (JSON-able), to save beside the weights and
     rebuild with ``PolicyNetwork(**config)``.
     """
@@ -105,9 +105,15 @@ class PolicyNetwork(nn.Module):
         width: int = 32,
         blocks: tuple[int, int] = (1, 1),
         shallow_stride: int = 2,
+        std_layers: Sequence[str] = SMALL_CNN_TAPS,
+        rob_layers: Sequence[str] = SMALL_CNN_TAPS,
     ) -> None:
         super().__init__()
         std_channels, rob_channels, blocks = tuple(std_channels), tuple(rob_channels), tuple(blocks)
+        self.std_layers, self.rob_layers = tuple(std_layers), tuple(rob_layers)
+        for name, value in (("std_layers", self.std_layers), ("rob_layers", self.rob_layers)):
+            if len(value) != 2 or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must name two layers (shallow, deep), got {value}")
         for name, value in (("std_channels", std_channels), ("rob_channels", rob_channels)):
             if len(value) != 2 or min(value) < 1:
                 raise ValueError(f"{name} must be two positive channel counts, got {value}")
@@ -122,6 +128,8 @@ class PolicyNetwork(nn.Module):
             width=width,
             blocks=blocks,
             shallow_stride=shallow_stride,
+            std_layers=self.std_layers,
+            rob_layers=self.rob_layers,
         )
         deep = std_channels[1] + rob_channels[1]
         self.shallow = _stage(std_channels[0] + rob_channels[0], width, blocks[0], shallow_stride)
@@ -137,6 +145,25 @@ class PolicyNetwork(nn.Module):
         self.gamma_norm = nn.BatchNorm1d(1, affine=False)
         self.scale = nn.Parameter(torch.ones(()))
         self.bias = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def from_models(
+        cls,
+        std_model: nn.Module,
+        rob_model: nn.Module,
+        x: Tensor,
+        std_layers: Sequence[str] = SMALL_CNN_TAPS,
+        rob_layers: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> PolicyNetwork:
+        """A policy sized for the named layers of ``g`` and ``h``, from one example batch ``x``
+        (``rob_layers`` default to ``std_layers``)."""
+        rob_layers = std_layers if rob_layers is None else rob_layers
+        features = []
+        for model, layers in ((std_model, std_layers), (rob_model, rob_layers)):
+            with FeatureTap(model, layers) as tap, torch.no_grad():
+                features.append(tap(x)[1])
+        return cls.from_features(*features, std_layers=std_layers, rob_layers=rob_layers, **kwargs)
 
     @classmethod
     def from_features(
@@ -204,39 +231,3 @@ class PolicyNetwork(nn.Module):
 
 def _hw(shape: Sequence[int]) -> str:
     return "×".join(str(s) for s in shape[-2:])
-
-
-def _check_range(lo: float, hi: float) -> None:
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"the α range must satisfy 0 ≤ lo ≤ hi ≤ 1, got lo={lo}, hi={hi}")
-
-
-def alpha_from_gamma(gamma: Tensor, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-    """``α = lo + (hi − lo)·σ(γ)``: the policy's weight of ``h``, squeezed into ``[lo, hi]``."""
-    _check_range(lo, hi)
-    return lo + (hi - lo) * torch.sigmoid(gamma)
-
-
-def squeeze_gamma(gamma: Tensor, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-    """The ``γ'`` with ``σ(γ') = lo + (hi − lo)·σ(γ)``, to feed ``mix_gamma`` a squeezed ``α``.
-
-    Computed from ``log α`` and ``log(1 − α)`` in log space, so ``mix_gamma`` keeps its
-    accuracy where ``α`` is within rounding of ``lo`` or ``hi``; ``(0, 1)`` returns ``γ`` itself
-    and ``lo == hi`` a constant (``±inf`` at 0 and 1, which ``mix_gamma`` handles exactly).
-    """
-    _check_range(lo, hi)
-    if (lo, hi) == (0.0, 1.0):
-        return gamma
-    if lo == hi:
-        logit = math.log(lo / (1 - lo)) if 0 < lo < 1 else (math.inf if lo else -math.inf)
-        return torch.full_like(gamma, logit)
-
-    def log_or_ninf(value: float) -> float:
-        return math.log(value) if value > 0 else -math.inf
-
-    span = math.log(hi - lo)
-    log_alpha = torch.logaddexp(torch.full_like(gamma, log_or_ninf(lo)), span + F.logsigmoid(gamma))
-    log_beta = torch.logaddexp(
-        torch.full_like(gamma, log_or_ninf(1 - hi)), span + F.logsigmoid(-gamma)
-    )
-    return log_alpha - log_beta

@@ -107,7 +107,7 @@ class FeaturePolicy(nn.Module):
         self.head = nn.Linear(2 * WIDTH * 64, 1)
         self.bias, self.gain = bias, gain  # gain: a policy whose α reacts to perturbations
 
-    def forward(self, x, std_features, rob_features):
+    def forward(self, std_features, rob_features):
         features = torch.cat([std_features[0].flatten(1), rob_features[0].flatten(1)], 1)
         return self.gain * self.head(features) + self.bias  # [B, 1]
 
@@ -170,9 +170,9 @@ def test_feature_policy_gets_the_named_layers(models, test_set):
     seen = {}
 
     class Spy(FeaturePolicy):
-        def forward(self, x, std_features, rob_features):
+        def forward(self, std_features, rob_features):
             seen["std"], seen["rob"] = std_features[0], rob_features[0]
-            return super().forward(x, std_features, rob_features)
+            return super().forward(std_features, rob_features)
 
     x = test_set[0][:4]
     MixedClassifier(g, h, policy=Spy())(x)
@@ -250,7 +250,8 @@ def test_mixed_bad_input(models):
     class BadLayers(FeaturePolicy):
         rob_layers = ("features.3",)
 
-    with pytest.raises(ValueError, match=r"rob_layers name \['features.3'\]"):
+    match = r"rob_layers \['features.3'\] do not fit rob_model: unknown layer 'features.3'"
+    with pytest.raises(ValueError, match=match):
         MixedClassifier(g, h, policy=BadLayers())
 
     class WrongShape(InputPolicy):

@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.models import resnet18
 
-from adasmooth_ext import mix, mix_gamma
+from adasmooth_ext import MixedClassifier, mix, mix_gamma
 from adasmooth_ext.features import FeatureTap
 from adasmooth_ext.models import SMALL_CNN_TAPS, small_cnn
-from adasmooth_ext.policy import PolicyNetwork, alpha_from_gamma, squeeze_gamma
+from adasmooth_ext.policy import PolicyNetwork
 
 
 def frozen_pair(in_channels=1, width=4, num_classes=10):
@@ -24,7 +25,13 @@ def test_policy_sizes_itself_and_returns_one_gamma_per_input(size, channels):
     (_, g_features), (_, h_features) = g(x), h(x)
     policy = PolicyNetwork.from_features(g_features, h_features, width=8, blocks=(2, 1))
     assert policy.config == dict(
-        std_channels=(4, 8), rob_channels=(4, 8), width=8, blocks=(2, 1), shallow_stride=2
+        std_channels=(4, 8),
+        rob_channels=(4, 8),
+        width=8,
+        blocks=(2, 1),
+        shallow_stride=2,
+        std_layers=SMALL_CNN_TAPS,
+        rob_layers=SMALL_CNN_TAPS,
     )
     assert policy(g_features, h_features).shape == (5,)
     assert sum(p.numel() for p in PolicyNetwork((16, 32), (16, 32)).parameters()) < 100_000
@@ -148,50 +155,57 @@ def test_bad_configuration(kwargs):
         PolicyNetwork(**{"std_channels": (4, 8), "rob_channels": (4, 8), **kwargs})
 
 
-EXTREME = torch.tensor([-1e4, -50.0, -3.0, 0.0, 3.0, 50.0, 1e4])
+def bare_pair():
+    torch.manual_seed(1)
+    return [small_cnn(width=4).eval() for _ in range(2)]
+
+
+def test_from_models_plugs_into_mixed_classifier_and_records_one_pass():
+    g, h = bare_pair()
+    x = torch.rand(6, 1, 8, 8)
+    policy = PolicyNetwork.from_models(g, h, x, SMALL_CNN_TAPS, width=8).eval()
+    assert (policy.std_layers, policy.rob_layers) == (SMALL_CNN_TAPS, SMALL_CNN_TAPS)
+    calls = []
+    g.register_forward_hook(lambda *_: calls.append("g"))
+    out = MixedClassifier(g, h, policy=policy).forward_details(x)
+    assert calls == ["g"], "g runs once per forward: features and logits from one pass"
+    with FeatureTap(g, SMALL_CNN_TAPS) as gt, FeatureTap(h, SMALL_CNN_TAPS) as ht:
+        g_logits, g_features = gt(x)
+        h_logits, h_features = ht(x)
+    gamma = policy(g_features, h_features)
+    torch.testing.assert_close(out.gamma, gamma)
+    torch.testing.assert_close(out.logits, mix_gamma(g_logits, h_logits, gamma))
+    taps_left = [m for m in (g.stage1, g.stage2) if m._forward_hooks] + list(g._forward_pre_hooks)
+    assert not taps_left, "the taps are removed after the pass"
+
+
+def test_unknown_layers_and_shape_mismatch_are_named():
+    g, h = bare_pair()
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="unknown layer 'stage9' in Sequential; closest: .*stage1"):
+        PolicyNetwork.from_models(g, h, x, ["stage1", "stage9"])
+    policy = PolicyNetwork.from_models(g, h, x, SMALL_CNN_TAPS)
+    wide = small_cnn(width=6).eval()
+    with pytest.raises(ValueError, match=r"rob features have .* \(6, 12\), but the policy was"):
+        MixedClassifier(g, wide, policy=policy)(x)
+    with pytest.raises(ValueError, match="rob_layers must name two layers"):
+        PolicyNetwork((4, 8), (4, 8), rob_layers=["stage1"])
 
 
 @pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.2, 0.9), (0.0, 0.5), (0.5, 1.0)])
-def test_alpha_stays_in_range_and_squeezed_gamma_matches(lo, hi):
-    alpha = alpha_from_gamma(EXTREME, lo, hi)
-    assert (alpha >= lo).all() and (alpha <= hi).all()
-    assert alpha[0] == lo and alpha[-1] == hi
-    squeezed = squeeze_gamma(EXTREME.double(), lo, hi)
-    torch.testing.assert_close(torch.sigmoid(squeezed), alpha.double(), atol=1e-7, rtol=1e-7)
+def test_alpha_range_is_exact_and_finite_at_extreme_gammas(lo, hi):
+    """The range lives in MixedClassifier only: α = lo + (hi − lo)·σ(γ), in log space."""
 
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return torch.tensor([-1e4, -50.0, -3.0, 0.0, 3.0, 50.0, 1e4], dtype=x.dtype)
 
-@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.2, 0.9), (0.0, 0.5), (0.5, 1.0)])
-def test_mix_gamma_with_squeezed_gamma_is_mix_with_alpha(lo, hi):
-    gamma = torch.linspace(-20, 20, 9, dtype=torch.float64)  # α not yet rounded to 0 or 1
-    g_logits, h_logits = torch.randn(2, 9, 5, dtype=torch.float64)
-    z = mix_gamma(g_logits, h_logits, squeeze_gamma(gamma, lo, hi))
-    torch.testing.assert_close(z, mix(g_logits, h_logits, alpha_from_gamma(gamma, lo, hi)))
-
-
-@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.2, 0.9), (0.0, 0.5), (0.5, 1.0)])
-def test_squeezed_gamma_has_finite_gradients_at_extremes(lo, hi):
-    g_logits, h_logits = 100 * torch.randn(2, len(EXTREME), 5)
-    gamma = EXTREME.clone().requires_grad_()
-    z = mix_gamma(g_logits, h_logits, squeeze_gamma(gamma, lo, hi))
-    assert torch.isfinite(z).all()
-    z.sum().backward()
-    assert torch.isfinite(gamma.grad).all()
-
-
-def test_squeeze_gamma_identity_and_constants():
-    assert squeeze_gamma(EXTREME) is EXTREME
-    assert torch.all(squeeze_gamma(EXTREME, 0.0, 0.0) == -float("inf"))
-    assert torch.all(squeeze_gamma(EXTREME, 1.0, 1.0) == float("inf"))
-    g_logits, h_logits = torch.randn(len(EXTREME), 4), torch.randn(len(EXTREME), 4)
-    z = mix_gamma(g_logits, h_logits, squeeze_gamma(EXTREME, 0.0, 0.0))
-    torch.testing.assert_close(z, F.log_softmax(g_logits, -1))
-    gamma = EXTREME.clone().requires_grad_()
-    assert not squeeze_gamma(gamma, 0.3, 0.3).requires_grad  # a constant α has no γ to train
-
-
-@pytest.mark.parametrize("lo, hi", [(-0.1, 0.5), (0.6, 0.5), (0.0, 1.5)])
-def test_bad_alpha_range(lo, hi):
-    with pytest.raises(ValueError, match="0 ≤ lo ≤ hi ≤ 1"):
-        alpha_from_gamma(EXTREME, lo, hi)
-    with pytest.raises(ValueError, match="0 ≤ lo ≤ hi ≤ 1"):
-        squeeze_gamma(EXTREME, lo, hi)
+    g, h = (nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).double() for _ in range(2))
+    mixed = MixedClassifier(g, h, policy=Fixed(), alpha_range=(lo, hi))
+    x = torch.rand(7, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = mixed.forward_details(x)
+    alpha = lo + (hi - lo) * torch.sigmoid(out.gamma)
+    torch.testing.assert_close(out.alpha, alpha)
+    torch.testing.assert_close(out.logits, mix(g(x), h(x), alpha))
+    out.logits.sum().backward()
+    assert torch.isfinite(x.grad).all()
