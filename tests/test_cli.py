@@ -13,7 +13,7 @@ from adasmooth_ext.checkpoint import load_checkpoint
 from adasmooth_ext.cli import main
 from adasmooth_ext.models import save_small_cnn, small_cnn
 
-COMMANDS = ["demo", "train-base", "train-policy", "evaluate", "certify", "sweep"]
+COMMANDS = ["demo", "train-base", "train-policy", "evaluate", "certify", "sweep", "compare"]
 QUICK_AA = ["--aa-steps", "2", "--square-queries", "5", "--no-progress"]
 
 
@@ -87,6 +87,18 @@ def test_sweep_and_certify(bases, tmp_path):
           "--out", str(tmp_path / "c"), "--no-progress"])  # fmt: skip
     curves = json.loads((tmp_path / "c" / "certified.json").read_text())
     assert len(curves["radii"]) == 41 and "mix, α = 0.9" in curves
+
+
+def test_compare_mixednuts_fixed_alpha_and_policy(bases, policy, tmp_path, capsys):
+    main(["compare", "--std", bases[0], "--rob", bases[1], "--policy", policy, "--alphas", "0.5",
+          "--limit", "16", "--out", str(tmp_path), *QUICK_AA])  # fmt: skip
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    methods = [r["method"] for r in rows]
+    assert methods[:3] == ["g (standard)", "h (robust)", "fixed α=0.5"]
+    assert methods[3].startswith("MixedNUTS") and methods[4] == "adaptive policy"
+    assert all(r["adaptive"] <= r["autoattack"] <= r["clean"] for r in rows)
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert "| MixedNUTS" in capsys.readouterr().out
 
 
 def test_demo_tiny(tmp_path, capsys):
