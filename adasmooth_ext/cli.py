@@ -60,23 +60,46 @@ def _say(args: argparse.Namespace, *text: str) -> None:
 
 
 def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """The policy and its ``alpha_range`` from a :class:`PolicyTrainer` checkpoint."""
+    """The policy of a :class:`PolicyTrainer` checkpoint, and the ``MixedClassifier`` keyword
+    arguments it was trained with (``alpha_range``, ``std_scale``, ``rob_scale``)."""
     state = load_checkpoint(
-        path, CHECKPOINT_KIND, required=("policy_config", "policy", "alpha_range"), device=device
+        path, CHECKPOINT_KIND, required=("policy_config", "policy", "mixing"), device=device
     )
     policy = PolicyNetwork(**state["policy_config"])
     try:
         policy.load_state_dict(state["policy"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit its config ({err})") from None
-    return policy.to(device).eval(), state["alpha_range"]
+    mixing = {k: v for k, v in state["mixing"].items() if k != "alpha"}
+    return policy.to(device).eval(), mixing
+
+
+def _scales(args: argparse.Namespace, trained: dict | None = None) -> dict[str, float]:
+    """``std_scale`` and ``rob_scale`` of a mix: a trained policy's own (the flags may only
+    repeat them: a policy is trained for its temperatures), else the flags' (default 1)."""
+    flags = {name: getattr(args, name, None) for name in ("std_scale", "rob_scale")}
+    if trained is None:
+        return {name: 1.0 if value is None else value for name, value in flags.items()}
+    for name, value in flags.items():
+        if value is not None and value != trained[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {value}: the policy was trained with {name} = {trained[name]}; "
+                "leave the flag out"
+            )
+    return {name: trained[name] for name in flags}
+
+
+def _adaptive(args: argparse.Namespace, g: nn.Module, h: nn.Module) -> MixedClassifier:
+    """The adaptive mix of ``--policy``, with the α range and temperatures it was trained for."""
+    policy, mixing = load_policy(args.policy, args.device)
+    return MixedClassifier(g, h, policy=policy, **mixing | _scales(args, mixing))
 
 
 def _mixed(args: argparse.Namespace, g: nn.Module, h: nn.Module) -> MixedClassifier:
     if args.policy is not None:
-        policy, alpha_range = load_policy(args.policy, args.device)
-        return MixedClassifier(g, h, policy=policy, alpha_range=alpha_range)
-    return MixedClassifier(g, h, alpha=args.alpha)
+        return _adaptive(args, g, h)
+    return MixedClassifier(g, h, alpha=args.alpha, **_scales(args))
 
 
 def _wilson(correct: int, total: int) -> tuple[float, float]:
@@ -146,7 +169,7 @@ def train_policy(args: argparse.Namespace) -> Path:
     policy = PolicyNetwork.from_models(
         g, h, example, args.layers, width=args.policy_width, blocks=tuple(args.policy_blocks)
     ).to(args.device)
-    mixed = MixedClassifier(g, h, policy=policy, alpha_range=args.alpha_range)
+    mixed = MixedClassifier(g, h, policy=policy, alpha_range=args.alpha_range, **_scales(args))
     config = TrainConfig(
         setting=args.setting,
         eps=tuple(args.eps_range),
@@ -232,12 +255,10 @@ def compare(args: argparse.Namespace) -> list[dict]:
     clean-vs-robust plot. MixedNUTS is calibrated on the calibration split, never the test one."""
     out, splits = _run_dir(args), _splits(args)
     g, h = load_small_cnn(args.std, args.device), load_small_cnn(args.rob, args.device)
-    adaptive = None
-    if args.policy is not None:
-        policy, alpha_range = load_policy(args.policy, args.device)
-        adaptive = MixedClassifier(g, h, policy=policy, alpha_range=alpha_range)
+    adaptive = None if args.policy is None else _adaptive(args, g, h)
+    scales = _scales(args) if adaptive is None else _scales(args, adaptive.mixing_config())
     rows = compare_on_digits(
-        g, h, splits, eps=args.eps, alphas=args.alphas, adaptive=adaptive,
+        g, h, splits, eps=args.eps, alphas=args.alphas, adaptive=adaptive, **scales,
         adaptive_w=args.adaptive_w, steps=args.aa_steps, square_queries=args.square_queries,
         limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
         progress=args.progress,
@@ -288,7 +309,8 @@ def demo(args: argparse.Namespace) -> dict:
     torch.manual_seed(seed + 2)
     example = torch.stack([splits.train[i][0] for i in range(2)]).to(device)
     policy = PolicyNetwork.from_models(g, h, example, SMALL_CNN_TAPS, width=args.policy_width)
-    mixed = MixedClassifier(g, h, policy=policy.to(device), alpha_range=args.alpha_range)
+    scales = _scales(args)
+    mixed = MixedClassifier(g, h, policy=policy.to(device), alpha_range=args.alpha_range, **scales)
     config_p = TrainConfig(
         setting=args.setting,
         eps=(0.5 * args.eps, 1.25 * args.eps),
@@ -305,7 +327,7 @@ def demo(args: argparse.Namespace) -> dict:
     ).fit()
 
     models = {"g": g, "h": h}
-    models |= {f"mix α={a:g}": MixedClassifier(g, h, alpha=a) for a in args.table_alphas}
+    models |= {f"mix α={a:g}": MixedClassifier(g, h, alpha=a, **scales) for a in args.table_alphas}
     models["adaptive mix"] = mixed
     results = {}
     for name, model in models.items():
@@ -332,8 +354,9 @@ def _summary(pgd: EvalTable, aa: EvalTable, adaptive: bool) -> dict[str, tuple[i
 
 
 def _acceptance(results: dict, sweep_rows: list[dict]) -> dict[str, bool]:
-    """The issue's three claims: the first two on the adaptive mix's worst (adaptive)
-    AutoAttack accuracy; the third against the fixed-α sweep, all under the same PGD-20."""
+    """The issue's claims, judged on the adaptive mix's worst (adaptive) AutoAttack accuracy;
+    the last against the fixed-α mixes twice: the PGD-20 sweep, and the table's AutoAttack
+    rows (where the fixed mixes face the standard AutoAttack only, a weaker test for them)."""
 
     def acc(name: str, col: str) -> float:
         correct, total = results[name][col]
@@ -343,25 +366,30 @@ def _acceptance(results: dict, sweep_rows: list[dict]) -> dict[str, bool]:
     robust_h, robust_a = acc("h", "aa"), acc("adaptive mix", "aa_adaptive")
     pgd_a = acc("adaptive mix", "pgd20")
     rivals = [r["clean"] for r in sweep_rows if r["robust"] >= pgd_a]
+    fixed = [name for name in results if name.startswith("mix α=")]
+    rivals += [acc(name, "clean") for name in fixed if acc(name, "aa") >= robust_a]
     return {
         "h is at least 5 points less accurate than g": clean_g - clean_h >= 0.05,
         "closes at least half of the clean gap from h to g": clean_a - clean_h
         >= 0.5 * (clean_g - clean_h),
         "keeps at least 85% of h's AutoAttack accuracy": robust_a >= 0.85 * robust_h,
-        "at least as accurate as every fixed-α mix at least as robust (PGD-20 sweep)": all(
-            clean_a >= c for c in rivals
-        ),
+        "at least as accurate as every fixed-α mix at least as robust (PGD-20 sweep, "
+        "AutoAttack rows)": all(clean_a >= c for c in rivals),
     }
 
 
 def _demo_report(args, results: dict, verdict: dict, seconds: float) -> str:
     n = next(iter(results.values()))["clean"][1]
     backend = autoattack_backend()
+    full = (args.aa_steps, args.square_queries) == (100, 5000)
+    standard = "the standard version" if full else "reduced: the standard version has 100, 5000"
     lines = [
-        f"digits test split ({n} images), ℓ∞ ε = {args.eps}; accuracy % with 95% Wilson "
+        f"digits test split ({n} images), ℓ∞ ε = {args.eps}; temperatures s_g = "
+        f"{args.std_scale:g}, s_h = {args.rob_scale:g}; the policy's α in "
+        f"[{args.alpha_range[0]:g}, {args.alpha_range[1]:g}]; accuracy % with 95% Wilson "
         "intervals. PGD-20: white box, end to end (adasmooth). AutoAttack: APGD-CE, APGD-T "
         f"(9 targets), FAB-T, Square ({backend}), cascaded, end to end, with {args.aa_steps} "
-        f"steps and {args.square_queries} queries (the standard version has 100 and 5000). "
+        f"steps and {args.square_queries} queries ({standard}). "
         f"Adaptive AutoAttack: that, then APGD-CE with the term −γ (w = {args.adaptive_w}) "
         "through the policy (adasmooth), cascaded.",
         "",
@@ -399,7 +427,7 @@ def _autoattack(args, model: nn.Module, loader, adaptive_w: float | None) -> Eva
 def _sweep(args, g: nn.Module, h: nn.Module, loader, alphas: Sequence[float]) -> list[dict]:
     rows = []
     for alpha in alphas:
-        model = MixedClassifier(g, h, alpha=alpha)
+        model = MixedClassifier(g, h, alpha=alpha, **_scales(args))
         attack = PGD(eps=args.eps, steps=20)
         table = evaluate(model, loader, [attack], progress=False)
         rows.append(
@@ -474,26 +502,33 @@ def _parser() -> argparse.ArgumentParser:
     aa.add_argument("--square-queries", type=int, default=5000, help="5000: standard")
     aa.add_argument("--adaptive-w", type=float, default=0.5, help="weight of the α term")
 
+    def temperatures(std: float | None = None, rob: float | None = None):
+        """A parent parser of its own (parents share their actions, hence their defaults)."""
+        temps = argparse.ArgumentParser(add_help=False)
+        temps.add_argument("--std-scale", type=float, default=std, help=f"s_g (default {std or 1})")
+        temps.add_argument("--rob-scale", type=float, default=rob, help=f"s_h (default {rob or 1})")
+        return temps
+
+    temps = temperatures()
+
     def add(name, run, parents, help):
         sub = commands.add_parser(name, parents=parents, help=help, description=run.__doc__)
         sub.set_defaults(run=run)
         return sub
 
-    sub = add("demo", demo, [common, aa], "the whole job on digits, with the acceptance check")
-    sub.add_argument(
-        "--eps", type=float, default=0.25, help="ℓ∞ radius of h's training and attacks"
-    )
+    demo_temps = temperatures(std=0.5, rob=2.0)
+    sub = add("demo", demo, [common, aa, demo_temps], "the whole job, with the acceptance check")
+    sub.add_argument("--eps", type=float, default=0.2, help="ℓ∞ radius of h's training and attacks")
     sub.add_argument("--rob-method", choices=METHODS[1:], default="trades", help="h's training")
     sub.add_argument("--epochs", type=int, default=30, help="epochs of g and h")
-    sub.add_argument("--rob-width", type=int, default=8, help="width of h (g has 16)")
+    sub.add_argument("--rob-width", type=int, default=4, help="width of h (g has 16)")
     sub.add_argument("--policy-lr", type=float, default=1e-2)
     sub.add_argument("--policy-epochs", type=int, default=12)
     sub.add_argument("--policy-width", type=int, default=16)
     sub.add_argument("--setting", choices=SETTINGS, default="B")
-    sub.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    sub.add_argument("--alpha-range", type=float, nargs=2, default=(0.6, 1.0), metavar=("LO", "HI"))
     sub.add_argument("--alphas", type=float, nargs="+", default=[i / 10 for i in range(11)])
-    sub.add_argument("--table-alphas", type=float, nargs="+", default=[0.7, 0.9])
-    sub.set_defaults(aa_steps=20, square_queries=500)
+    sub.add_argument("--table-alphas", type=float, nargs="+", default=[0.6, 0.8, 0.9])
     sub.add_argument("--limit", type=int, help="only the first LIMIT test images")
 
     sub = add("train-base", train_base, [common], "train g (standard) or h (PGD, TRADES)")
@@ -505,7 +540,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int, default=64)
     sub.add_argument("--lr", type=float, default=3e-3)
 
-    sub = add("train-policy", train_policy, [common, models], "train the adaptive policy")
+    sub = add("train-policy", train_policy, [common, models, temps], "train the adaptive policy")
     sub.add_argument("--setting", choices=SETTINGS, default="B")
     sub.add_argument("--eps-range", type=float, nargs=2, default=(0.1, 0.25), metavar=("LO", "HI"))
     sub.add_argument("--steps-range", type=int, nargs=2, default=(3, 10), metavar=("LO", "HI"))
@@ -522,7 +557,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     sub.add_argument("--resume", help="a policy.safetensors checkpoint to continue from")
 
-    sub = add("evaluate", evaluate_cmd, [common, models, budget, aa], "attack a model or a mix")
+    sub = add(
+        "evaluate", evaluate_cmd, [common, models, budget, aa, temps], "attack a model or a mix"
+    )
     weight = sub.add_mutually_exclusive_group()
     weight.add_argument("--policy", help="a policy.safetensors checkpoint (adaptive mix)")
     weight.add_argument("--alpha", type=float, default=0.5, help="a fixed α")
@@ -537,11 +574,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-radius", type=float, default=1.0)
     sub.add_argument("--limit", type=int, default=100, help="only the first LIMIT test images")
 
-    sub = add("compare", compare, [common, models, budget, aa], "MixedNUTS vs fixed α vs policy")
+    sub = add(
+        "compare", compare, [common, models, budget, aa, temps], "MixedNUTS vs fixed α vs policy"
+    )
     sub.add_argument("--policy", help="a policy.safetensors checkpoint (adds the adaptive mix)")
     sub.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.75, 0.9])
 
-    sub = add("sweep", sweep, [common, models, budget], "fixed-α clean vs robust trade-off plot")
+    sub = add(
+        "sweep", sweep, [common, models, budget, temps], "fixed-α clean vs robust trade-off plot"
+    )
     sub.add_argument("--alphas", type=float, nargs="+", default=[i / 10 for i in range(11)])
 
     info = commands.add_parser("info", help="print build info")

@@ -173,6 +173,16 @@ class MixedClassifier(nn.Module):
         log_one_minus_alpha = torch.logaddexp(log_one_minus_hi, log_width + F.logsigmoid(-gamma))
         return log_alpha - log_one_minus_alpha
 
+    def mixing_config(self) -> dict:
+        """How this classifier mixes, JSON-able (for checkpoints): ``alpha`` (``None`` with a
+        policy), ``alpha_range``, ``std_scale`` and ``rob_scale``."""
+        return {
+            "alpha": None if self.alpha is None else self.alpha.item(),
+            "alpha_range": self.alpha_range,
+            "std_scale": self.std_scale,
+            "rob_scale": self.rob_scale,
+        }
+
     def extra_repr(self) -> str:
         weight = f"alpha={self.alpha.item():g}" if self.policy is None else "policy"
         extra = f", alpha_range={self.alpha_range}" if self.alpha_range else ""

@@ -393,6 +393,8 @@ def compare_on_digits(
     eps: float,
     norm: Norm = "Linf",
     alphas: Sequence[float] = (0.5, 0.75, 0.9),
+    std_scale: float = 1.0,
+    rob_scale: float = 1.0,
     adaptive: MixedClassifier | None = None,
     adaptive_w: float = 0.5,
     beta: float = 98.5,
@@ -409,7 +411,8 @@ def compare_on_digits(
     progress: bool = False,
 ) -> list[dict]:
     """The rows of one table: ``g``, ``h``, fixed-``α`` mixes, MixedNUTS and (if given) the
-    adaptive policy, all on the same base models and the first ``limit`` test examples.
+    adaptive policy, all on the same base models and the first ``limit`` test examples; the
+    fixed-``α`` mixes use the temperatures ``std_scale``, ``rob_scale`` (give the policy's).
 
     MixedNUTS is calibrated on ``splits.calibration``. Every model faces AutoAttack standard
     (end-to-end); MixedNUTS also the surrogate-gradient APGDs and the adaptive policy the APGD
@@ -442,7 +445,8 @@ def compare_on_digits(
         ("g (standard)", None, g, []),
         ("h (robust)", None, h, []),
     ]
-    models += [(f"fixed α={a:g}", a, MixedClassifier(g, h, alpha=a), []) for a in alphas]
+    scales = dict(std_scale=std_scale, rob_scale=rob_scale)
+    models += [(f"fixed α={a:g}", a, MixedClassifier(g, h, alpha=a, **scales), []) for a in alphas]
     nuts = mixednuts_classifier(g, h, calib.params)
     p = calib.params
     name = f"MixedNUTS (s={p.s:g}, p={p.p:g}, c={p.c:g}{', hard g' if p.hard_g else ''})"

@@ -103,12 +103,7 @@ def save_mixed(
         "rob": {"factory": rob.factory, "kwargs": dict(rob.kwargs), "map": rob_map},
         "std_weights": std_model.state_dict(),
         "rob_weights": rob_model.state_dict(),
-        "mixing": {
-            "alpha": None if mixed.alpha is None else mixed.alpha.item(),
-            "alpha_range": mixed.alpha_range,
-            "std_scale": mixed.std_scale,
-            "rob_scale": mixed.rob_scale,
-        },
+        "mixing": mixed.mixing_config(),
         "policy": None
         if policy is None
         else {"config": policy.config, "weights": policy.state_dict()},

@@ -48,7 +48,7 @@ __all__ = ["SETTINGS", "PolicyTrainer", "TrainConfig", "composite_loss", "pseudo
 
 SETTINGS = ("A", "B", "C")
 CHECKPOINT_KIND = "policy-trainer"
-_STATE_KEYS = ("config", "policy_config", "alpha_range", "policy", "optimizer", "scheduler", "rng")
+_STATE_KEYS = ("config", "policy_config", "mixing", "policy", "optimizer", "scheduler", "rng")
 
 
 def pseudo_labels(clean: int, attacked: int, device: torch.device | str = "cpu") -> Tensor:
@@ -145,8 +145,8 @@ class PolicyTrainer:
     """Trains ``mixed.policy`` (a :class:`MixedClassifier` with a policy) on ``train_set``.
 
     Args:
-        mixed: the mix; its base models stay frozen, its ``alpha_range`` (if any) applies in
-            training as in evaluation.
+        mixed: the mix; its base models stay frozen, its ``alpha_range`` (if any) and
+            temperatures apply in training as in evaluation, and are saved with the policy.
         train_set, val_set: datasets of ``(image, label)``; ``val_set`` (optional) gives the
             clean and PGD accuracy of the mix after each epoch.
         config: a :class:`TrainConfig`.
@@ -227,7 +227,7 @@ class PolicyTrainer:
         return {
             "config": dataclasses.asdict(self.config),
             "policy_config": getattr(self.policy, "config", {}),
-            "alpha_range": self.mixed.alpha_range,
+            "mixing": self.mixed.mixing_config(),
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -252,6 +252,11 @@ class PolicyTrainer:
         if state["policy_config"] != mine:
             raise ValueError(
                 f"{path} holds a policy built as {state['policy_config']}, not as {mine}"
+            )
+        if state["mixing"] != self.mixed.mixing_config():
+            raise ValueError(
+                f"{path} holds a policy trained to mix as {state['mixing']}, not as "
+                f"{self.mixed.mixing_config()}"
             )
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -64,6 +64,7 @@ def test_train_base(tmp_path, capsys):
 def test_train_policy_writes_checkpoint_and_metrics(policy):
     state = load_checkpoint(policy, "policy-trainer")
     assert state["epoch"] == 1 and state["config"]["setting"] == "B"
+    assert state["mixing"] == dict(alpha=None, alpha_range=None, std_scale=1.0, rob_scale=1.0)
     metrics = os.path.join(os.path.dirname(policy), "metrics.csv")
     assert open(metrics).read().startswith("epoch,step,train_loss")
 
@@ -112,6 +113,15 @@ def test_demo_tiny(tmp_path, capsys):
     for name in ("g", "h", "policy", "results"):
         assert any(p.name.startswith(name) for p in tmp_path.iterdir()), name
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    # The saved policy remembers the demo's α range and temperatures: evaluating it from the
+    # files gives the demo's clean accuracy.
+    mixing = load_checkpoint(tmp_path / "policy.safetensors")["mixing"]
+    assert mixing == dict(alpha=None, alpha_range=(0.6, 1.0), std_scale=0.5, rob_scale=2.0)
+    main(["evaluate", "--std", str(tmp_path / "g.safetensors"), "--rob",
+          str(tmp_path / "h.safetensors"), "--policy", str(tmp_path / "policy.safetensors"),
+          "--limit", "30", "--out", str(tmp_path / "eval"), "--no-progress"])  # fmt: skip
+    clean = json.loads((tmp_path / "eval" / "pgd.json").read_text())[0]
+    assert [clean["correct"], clean["total"]] == result["results"]["adaptive mix"]["clean"]
 
 
 def run_cli(*args, env=None):
@@ -156,6 +166,8 @@ def test_bad_input_gets_a_clear_error_and_leaves_files_intact(bases, policy, tmp
         (["evaluate", "--std", str(foreign), "--rob", bases[1]], "is a pickle"),
         (["evaluate", "--std", bases[0], "--rob", str(wide), "--policy", policy],
          "rob features have (shallow, deep) channels (6, 12), but the policy was built"),
+        (["evaluate", "--std", bases[0], "--rob", bases[1], "--policy", policy, "--rob-scale", "2"],
+         "--rob-scale 2.0: the policy was trained with rob_scale = 1.0"),
         (["train-policy", "--std", bases[0], "--rob", bases[1], "--layers", "stage1", "stage7"],
          "unknown layer 'stage7' in Sequential"),
         (["sweep", "--std", bases[0], "--rob", bases[1], "--data", "cifar10", "--data-root",

@@ -37,14 +37,14 @@ def test_pseudo_labels_zero_for_clean_one_for_attacked():
     assert labels.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0] and labels.dtype == torch.float32
 
 
-def tiny_run(out, epochs=2, seed=0, **kwargs):
+def tiny_run(out, epochs=2, seed=0, rob_scale=1.0, **kwargs):
     torch.manual_seed(0)
     g, h = small_cnn(width=4).eval(), small_cnn(width=4).eval()
     torch.manual_seed(seed)
     splits = digits()
     train, val = Subset(splits.train, range(48)), Subset(splits.calibration, range(16))
     policy = PolicyNetwork.from_models(g, h, train[0][0][None], SMALL_CNN_TAPS, width=4)
-    mixed = MixedClassifier(g, h, policy=policy, alpha_range=(0.1, 0.95))
+    mixed = MixedClassifier(g, h, policy=policy, alpha_range=(0.1, 0.95), rob_scale=rob_scale)
     config = TrainConfig(
         epochs=epochs, batch_size=16, steps=(1, 3), eps=(0.05, 0.2), val_steps=2, **kwargs
     )
@@ -114,3 +114,6 @@ def test_bad_checkpoints_are_refused_and_leave_files_intact(tmp_path):
     wider.policy.config["width"] = 8  # another architecture
     with pytest.raises(ValueError, match="holds a policy built as"):
         wider.fit(resume=tmp_path / "copy.safetensors")
+    hotter = tiny_run(tmp_path / "hotter", epochs=2, rob_scale=2.0)  # another mixture
+    with pytest.raises(ValueError, match="trained to mix as .*'rob_scale': 1.0"):
+        hotter.fit(resume=tmp_path / "copy.safetensors")
