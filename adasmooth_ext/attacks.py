@@ -709,8 +709,8 @@ def autoattack_attacks(
     alpha_loss: str = "neg-gamma",
 ) -> list:
     """The attacks of AutoAttack *standard* (APGD-CE, APGD-T, FAB-T, Square; the defaults are the
-    official budgets), plus, with ``adaptive_w``, our APGD-CE with the adaptive term ``ℓ_α``
-    (setting D)."""
+    official budgets), plus, with ``adaptive_w``, our APGD-CE and targeted APGD-DLR with the
+    adaptive term ``ℓ_α``, end to end through the policy (setting D)."""
     attacks: list = [
         ExternalAttack(
             kind,
@@ -724,18 +724,20 @@ def autoattack_attacks(
         for kind in ExternalAttack.KINDS
     ]
     if adaptive_w is not None:
-        attacks.append(
+        attacks += [
             APGD(
                 eps=eps,
                 norm=norm,
                 steps=steps,
-                loss="ce",
+                loss=loss,
                 target="mix",
                 w=adaptive_w,
                 alpha_loss=alpha_loss,
+                n_targets=n_targets,
                 seed=seed,
             )
-        )
+            for loss in ("ce", "dlr-targeted")
+        ]
     return attacks
 
 
@@ -756,8 +758,9 @@ def autoattack(
 ) -> EvalTable:
     """AutoAttack standard, cascaded as the original: each attack runs on the samples that
     survived the ones before; each row reports its backend and the last row is the robust
-    accuracy. With ``adaptive_w`` (a :class:`MixedClassifier` with a policy), APGD-CE with the
-    term pushing ``α`` toward ``g`` runs last: the adaptive AutoAttack. Smaller budgets than the
+    accuracy. With ``adaptive_w`` (a :class:`MixedClassifier` with a policy), APGD-CE and
+    targeted APGD-DLR with the term pushing ``α`` toward ``g`` run last: the adaptive
+    AutoAttack. Smaller budgets than the
     defaults are no longer the standard version; the attack names show them."""
     attacks = autoattack_attacks(
         eps=eps,

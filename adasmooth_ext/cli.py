@@ -23,7 +23,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from . import MixedClassifier, build_info
-from .attacks import PGD, EvalTable, autoattack, autoattack_backend, evaluate
+from .attacks import PGD, EvalTable, ExternalAttack, autoattack, autoattack_backend, evaluate
 from .certify import plot_certified_accuracy, smoothed_certify, smoothing_curves
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import Splits, as_loader, cifar10, cifar100, digits
@@ -334,7 +334,7 @@ def demo(args: argparse.Namespace) -> dict:
         table = evaluate(model, test, [PGD(eps=args.eps, steps=20)], progress=False)
         adaptive = args.adaptive_w if model is mixed else None
         aa = _autoattack(args, model, test, adaptive)
-        results[name] = _summary(table, aa, adaptive is not None)
+        results[name] = _summary(table, aa)
         _say(args, f"{name}: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in results[name].items()))
     verdict = _acceptance(results, rows)
     report = _demo_report(args, results, verdict, time.time() - start)
@@ -345,11 +345,11 @@ def demo(args: argparse.Namespace) -> dict:
     return {"results": results, "verdict": verdict}
 
 
-def _summary(pgd: EvalTable, aa: EvalTable, adaptive: bool) -> dict[str, tuple[int, int]]:
+def _summary(pgd: EvalTable, aa: EvalTable) -> dict[str, tuple[int, int]]:
     """(correct, total) per column: clean, PGD-20, AutoAttack standard, adaptive AutoAttack."""
-    standard = aa.rows[-3] if adaptive else aa.rows[-2]  # the last row is the worst case
+    standard = aa.rows[len(ExternalAttack.KINDS)]  # cascaded: after clean and the standard four
     cols = {"clean": pgd["clean"], "pgd20": pgd.rows[1], "aa": standard}
-    cols["aa_adaptive"] = aa.rows[-2] if adaptive else standard
+    cols["aa_adaptive"] = aa.rows[-1]  # the worst case
     return {k: (r.correct, r.total) for k, r in cols.items()}
 
 
@@ -390,8 +390,8 @@ def _demo_report(args, results: dict, verdict: dict, seconds: float) -> str:
         "intervals. PGD-20: white box, end to end (adasmooth). AutoAttack: APGD-CE, APGD-T "
         f"(9 targets), FAB-T, Square ({backend}), cascaded, end to end, with {args.aa_steps} "
         f"steps and {args.square_queries} queries ({standard}). "
-        f"Adaptive AutoAttack: that, then APGD-CE with the term −γ (w = {args.adaptive_w}) "
-        "through the policy (adasmooth), cascaded.",
+        "Adaptive AutoAttack: that, then APGD-CE and APGD-T with the term −γ (w = "
+        f"{args.adaptive_w}) through the policy (adasmooth), cascaded.",
         "",
         "| model | clean | PGD-20 | AutoAttack | adaptive AutoAttack |",
         "|---|---|---|---|---|",
