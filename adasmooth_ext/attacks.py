@@ -45,6 +45,7 @@ __all__ = [
     "autoattack",
     "autoattack_attacks",
     "autoattack_backend",
+    "policy_audit_attacks",
     "dlr_loss",
     "dlr_targeted_loss",
     "evaluate",
@@ -738,6 +739,37 @@ def autoattack_attacks(
             )
             for loss in ("ce", "dlr-targeted")
         ]
+    return attacks
+
+
+def policy_audit_attacks(
+    *,
+    eps: float,
+    norm: Norm = "Linf",
+    steps: int = 100,
+    weights: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 0.9),
+    n_targets: int = 3,
+    seed: int = 0,
+) -> list:
+    """A wider net than AutoAttack for a mix with a policy, to run side by side (not cascaded)
+    and read per attack and in the per-sample worst case: APGD-CE and targeted APGD-DLR at each
+    weight ``w`` of the α term (the paper's BCE at 0.5, the non-saturating ``−γ`` elsewhere),
+    gray-box APGD (α held constant), PGD transferred from ``g`` and from ``h``, and APGD on the
+    α term alone. A policy that only hides its gradients shows up as a gap between them."""
+    budget = dict(eps=eps, norm=norm, steps=steps, seed=seed)
+    attacks: list = [
+        APGD(
+            loss=loss,
+            w=w,
+            alpha_loss="bce" if w == 0.5 else "neg-gamma",
+            n_targets=n_targets,
+            **budget,
+        )  # fmt: skip
+        for loss in ("ce", "dlr-targeted")
+        for w in weights
+    ]
+    attacks += [APGD(target="mix-graybox", **budget), APGD(w=1.0, **budget)]
+    attacks += [PGD(target=target, **budget) for target in ("std", "rob")]
     return attacks
 
 

@@ -23,7 +23,15 @@ from scipy.stats import binomtest
 from torch import nn
 
 from . import MixedClassifier, build_info
-from .attacks import PGD, EvalTable, ExternalAttack, autoattack, autoattack_backend, evaluate
+from .attacks import (
+    PGD,
+    EvalTable,
+    ExternalAttack,
+    autoattack,
+    autoattack_backend,
+    evaluate,
+    policy_audit_attacks,
+)
 from .certify import plot_certified_accuracy, smoothed_certify, smoothing_curves
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import Splits, as_loader, cifar10, cifar100, digits
@@ -199,7 +207,11 @@ def train_policy(args: argparse.Namespace) -> Path:
 
 
 def evaluate_cmd(args: argparse.Namespace) -> EvalTable:
-    """Clean, PGD and (optionally adaptive) AutoAttack accuracy of a model or a mix."""
+    """Clean, PGD and (optionally adaptive) AutoAttack accuracy of a model or a mix; with
+    ``--audit``, also a wider net of attacks on a policy's mix (each attack and the per-sample
+    worst case), to check that its robustness is not gradient masking."""
+    if args.audit and args.policy is None:
+        raise ValueError("--audit attacks a policy: give --policy")
     out, splits = _run_dir(args), _splits(args)
     g = load_small_cnn(args.std, args.device)
     model = g if args.rob is None else _mixed(args, g, load_small_cnn(args.rob, args.device))
@@ -208,11 +220,16 @@ def evaluate_cmd(args: argparse.Namespace) -> EvalTable:
     table = evaluate(model, loader, attacks, progress=args.progress)
     _save_table(out, "pgd", table)
     _say(args, table.to_markdown())
+    has_policy = getattr(model, "policy", None) is not None
     if args.autoattack:
-        adaptive = args.adaptive_w if getattr(model, "policy", None) is not None else None
-        aa = _autoattack(args, model, loader, adaptive)
+        aa = _autoattack(args, model, loader, args.adaptive_w if has_policy else None)
         _save_table(out, "autoattack", aa)
         _say(args, aa.to_markdown())
+    if args.audit:
+        attacks = policy_audit_attacks(eps=args.eps, steps=args.aa_steps, seed=args.seed)
+        audit = evaluate(model, loader, attacks, progress=args.progress)
+        _save_table(out, "audit", audit)
+        _say(args, audit.to_markdown())
     return table
 
 
@@ -457,6 +474,9 @@ def _plot_tradeoff(rows: list[dict], path: Path, title: str, points: dict | None
         (rc, n), (cc, _) = cols["aa_adaptive"], cols["clean"]
         ax.plot(100 * rc / n, 100 * cc / n, "*" if name == "adaptive mix" else "s", ms=9,
                 label=f"{name} (AutoAttack)")  # fmt: skip
+        if name == "adaptive mix":  # on the sweep's own scale too
+            ax.plot(100 * cols["pgd20"][0] / n, 100 * cc / n, "*", ms=11, mfc="none",
+                    label=f"{name} (PGD-20)")  # fmt: skip
     ax.set(xlabel="robust accuracy (%)", ylabel="clean accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -565,6 +585,7 @@ def _parser() -> argparse.ArgumentParser:
     weight.add_argument("--alpha", type=float, default=0.5, help="a fixed α")
     sub.add_argument("--pgd-steps", type=int, default=20)
     sub.add_argument("--autoattack", action="store_true", help="also AutoAttack (+ adaptive)")
+    sub.add_argument("--audit", action="store_true", help="also 14 attacks on the policy's mix")
 
     sub = add("certify", certify_cmd, [common], "randomized-smoothing certificates of h's mixes")
     sub.add_argument("--rob", required=True, help="h: a small-cnn checkpoint")

@@ -71,12 +71,16 @@ def test_train_policy_writes_checkpoint_and_metrics(policy):
 
 def test_evaluate_policy_with_autoattack(bases, policy, tmp_path, capsys):
     main(["evaluate", "--std", bases[0], "--rob", bases[1], "--policy", policy, "--limit", "20",
-          "--autoattack", "--out", str(tmp_path), *QUICK_AA])  # fmt: skip
+          "--autoattack", "--audit", "--out", str(tmp_path), *QUICK_AA])  # fmt: skip
     rows = json.loads((tmp_path / "autoattack.json").read_text())
     names = [r["attack"] for r in rows]
     assert names[1].startswith("APGD-CE") and all("w=0.5 neg-gamma" in n for n in names[-3:-1])
     assert rows[-1]["attack"] == "worst case" and rows[-1]["total"] == 20
     assert "| clean |" in capsys.readouterr().out
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert len(audit) == 16 and audit[-1]["attack"] == "worst case"
+    assert audit[-1]["correct"] == min(r["correct"] for r in audit)
+    assert sum("w=0.5 bce" in r["attack"] for r in audit) == 2
 
 
 def test_sweep_and_certify(bases, tmp_path):
@@ -168,6 +172,8 @@ def test_bad_input_gets_a_clear_error_and_leaves_files_intact(bases, policy, tmp
          "rob features have (shallow, deep) channels (6, 12), but the policy was built"),
         (["evaluate", "--std", bases[0], "--rob", bases[1], "--policy", policy, "--rob-scale", "2"],
          "--rob-scale 2.0: the policy was trained with rob_scale = 1.0"),
+        (["evaluate", "--std", bases[0], "--rob", bases[1], "--audit"],
+         "--audit attacks a policy: give --policy"),
         (["train-policy", "--std", bases[0], "--rob", bases[1], "--layers", "stage1", "stage7"],
          "unknown layer 'stage7' in Sequential"),
         (["sweep", "--std", bases[0], "--rob", bases[1], "--data", "cifar10", "--data-root",
