@@ -1,5 +1,6 @@
-// CPU kernels of the mix ops: rows in parallel (at::parallel_for), each row staged in a
-// thread-local opmath buffer (fp32 for fp16/bf16) and processed with ATen's Vectorized math.
+// CPU kernels of the mix ops: rows in parallel (at::parallel_for), each row read in place
+// (fp32 / fp64) or widened once into a thread-local buffer (fp16 / bf16 compute in fp32), and
+// processed with ATen's Vectorized math plus the AVX-512 exp / log of row_math.h.
 // Linear-space shortcuts are taken only where they are exact to rounding; every class whose
 // mixed probability could have underflowed goes through the log-space formulas (DESIGN.md §1).
 
@@ -35,42 +36,6 @@ T sigmoid(T x) {
   return x >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
-// dst[k] = scale * src[k], in the opmath type; returns the row's maximum (one pass).
-template <typename scalar_t, typename T>
-T load_scaled(const scalar_t* src, T* dst, int64_t n, T scale) {
-  using Vec = at::vec::Vectorized<T>;
-  const T* from = src_as_opmath(src, dst, n);
-  Vec max(-std::numeric_limits<T>::infinity());
-  for (int64_t k = 0; k < n; k += Vec::size()) {
-    const int64_t m = std::min<int64_t>(Vec::size(), n - k);
-    const Vec x = Vec::loadu(from + k, m) * Vec(scale);
-    x.store(dst + k, m);
-    max = Vec::set(max, at::vec::maximum(max, x), m);  // lanes past m are not part of the row
-  }
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max);
-}
-
-// e_k = exp(x_k - max), stored; returns their sum.
-template <typename T>
-T exp_shifted(const T* x, T max, T* e, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  Vec acc(0);
-  for (int64_t k = 0; k < n; k += Vec::size()) {
-    const int64_t m = std::min<int64_t>(Vec::size(), n - k);
-    const Vec ek = (Vec::loadu(x + k, m) - Vec(max)).exp_u20();
-    ek.store(e + k, m);
-    acc += Vec::set(Vec(0), ek, m);  // lanes past m are not part of the row
-  }
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
-}
-
-// Whether any of the first n lanes of a comparison mask is set (set lanes are not 0.0).
-template <typename Vec>
-bool lanes_set(const Vec& mask, int64_t n) {
-  const auto first_n = (uint64_t(1) << n) - 1;  // n <= 16 lanes
-  return (~uint64_t(mask.zero_mask()) & first_n) != 0;
-}
-
 // log1p(x) for x in [0, 1], the only range logaddexp needs. In fp32, a short series
 // 2 atanh(t) = 2 t sum_k t^2k / (2k + 1), t = x / (2 + x) <= 1/3, is accurate to an ulp and
 // several times cheaper than the general Sleef log1p; fp64 keeps the library function.
@@ -89,41 +54,82 @@ at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& x) {
   }
 }
 
+// logaddexp(a, b) = max + log1p(exp(-|a - b|)); exact when one side is -inf (a weight of 0).
+template <typename Vec>
+Vec log_add_exp(Vec a, Vec b) {
+  return at::vec::maximum(a, b) + log1p_unit((a - b).abs().neg().exp_u20());
+}
+
 // Below this, the mixed probability m_k = (1 - alpha) p_k + alpha q_k may have lost terms that
 // underflowed in exp (< FLT_MIN); such classes take the exact log-space path instead.
 template <typename T>
 constexpr T kLinearFloor = T(7.888609052210118e-31);  // 2^-100
 
-// One row of the mixture. The fast path works in linear space from the exps the normalisers
-// leave behind: m_k = coef_g e^g_k + coef_h e^h_k, one log (forward) or one division (backward)
-// per class. Classes with a tiny m_k use the exact log-space formulas of DESIGN.md §1, whose
-// per-row logs are computed only then.
+// Sums over a row's tiny classes of u_k w_k, u_k (1 - w_k) and u_k d z_k / d alpha.
+template <typename T>
+struct TinyShares {
+  T ug = 0, uh = 0, dalpha = 0;
+};
+
+// One row of the mixture. The logits are read in place (fp32 / fp64) or widened once (half
+// types); everything else lives in padded, 64-byte aligned row buffers. The fast path works in
+// linear space from the exps the normalisers leave behind: m_k = coef_g e^g_k + coef_h e^h_k,
+// one log (forward) or one division (backward) per class. Classes with a tiny m_k use the
+// exact log-space formulas of DESIGN.md §1 in a second, rare pass (exact_*_where_tiny), kept
+// out of line so that the hot loops hold everything in registers.
 template <typename T>
 struct Row {
   using Vec = at::vec::Vectorized<T>;
-  std::vector<T> buf;
-  T *g, *h, *exp_g, *exp_h;       // s_g g, s_h h, exp(s_g g - max_g), exp(s_h h - max_h)
-  T max_g, max_h, sum_g, sum_h;   // sum_k exp_g, sum_k exp_h
-  T weight_std, weight_rob;       // 1 - alpha, alpha
-  T coef_g, coef_h;               // (1 - alpha) / sum_g, alpha / sum_h
+  int64_t C, stride;  // classes, and the padded length of each buffer
+  std::vector<T> storage;
+  T* buffers;        // 64-byte aligned: g_buf, h_buf, exp_g, exp_h, then the caller's scratch
+  T *exp_g, *exp_h;  // exp(s_g g - max_g), exp(s_h h - max_h)
+  const T *g, *h;    // the row's logits in the opmath type, unscaled
+  T s_g, s_h;
+  T max_g, max_h, sum_g, sum_h;  // maxima of s_g g and s_h h; sums of exp_g and exp_h
+  T weight_std, weight_rob;      // 1 - alpha, alpha
+  T coef_g, coef_h;              // (1 - alpha) / sum_g, alpha / sum_h
   T weight;
   bool is_gamma;
 
-  Row(int64_t C, int extra) : buf((4 + extra) * C) {
-    g = buf.data();
-    h = g + C;
-    exp_g = h + C;
-    exp_h = exp_g + C;
+  Row(int64_t classes, int extra)
+      : C(classes), stride(padded<Vec>(classes)), storage((4 + extra) * stride + 64 / sizeof(T)) {
+    const auto address = reinterpret_cast<uintptr_t>(storage.data());
+    buffers = reinterpret_cast<T*>((address + 63) & ~uintptr_t(63));
+    exp_g = buffers + 2 * stride;
+    exp_h = buffers + 3 * stride;
   }
-  T* scratch(int i, int64_t C) { return buf.data() + (4 + i) * C; }
+  T* scratch(int i) { return buffers + (4 + i) * stride; }
 
+  // Two passes over the row, both logits at once: the maxima, then the shifted exps and sums.
   template <typename scalar_t>
-  void load(const scalar_t* g_src, const scalar_t* h_src, int64_t C, T s_g, T s_h, T w,
-            bool gamma) {
-    max_g = load_scaled(g_src, g, C, s_g);
-    max_h = load_scaled(h_src, h, C, s_h);
-    sum_g = exp_shifted(g, max_g, exp_g, C);
-    sum_h = exp_shifted(h, max_h, exp_h, C);
+  void load(const scalar_t* g_src, const scalar_t* h_src, T scale_g, T scale_h, T w, bool gamma) {
+    const T* gx = g = src_as_opmath(g_src, buffers, C);
+    const T* hx = h = src_as_opmath(h_src, buffers + stride, C);
+    T *eg_out = exp_g, *eh_out = exp_h;
+    const T lowest = -std::numeric_limits<T>::infinity();
+    Vec vmax_g(lowest), vmax_h(lowest);
+    for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
+      vmax_g = row_max(vmax_g, first_lanes(Vec::loadu(gx + k, n), n, lowest));
+      vmax_h = row_max(vmax_h, first_lanes(Vec::loadu(hx + k, n), n, lowest));
+    });
+    // s > 0, so max(s x) = s max(x), rounding included.
+    const T mg = scale_g * reduce_max(vmax_g), mh = scale_h * reduce_max(vmax_h);
+    Vec acc_g(0), acc_h(0);
+    for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
+      const Vec eg = exp_affine(Vec::loadu(gx + k, n), scale_g, -mg);
+      const Vec eh = exp_affine(Vec::loadu(hx + k, n), scale_h, -mh);
+      eg.store(eg_out + k);
+      eh.store(eh_out + k);
+      acc_g += first_lanes(eg, n);
+      acc_h += first_lanes(eh, n);
+    });
+    s_g = scale_g;
+    s_h = scale_h;
+    max_g = mg;
+    max_h = mh;
+    sum_g = reduce_add(acc_g);
+    sum_h = reduce_add(acc_h);
     weight = w;
     is_gamma = gamma;
     weight_rob = is_gamma ? sigmoid(w) : w;
@@ -132,23 +138,76 @@ struct Row {
     coef_h = weight_rob / sum_h;
   }
 
-  // log-space pieces, on demand: a_k = g_k + shift_g = log((1 - alpha) p_k), likewise b_k.
+  // log-space pieces: a_k = s_g g_k - lse_g + log(1 - alpha) = log((1 - alpha) p_k), likewise b.
   T lse_g() const { return max_g + std::log(sum_g); }
   T lse_h() const { return max_h + std::log(sum_h); }
   T log_std() const { return is_gamma ? -softplus(weight) : std::log1p(-weight); }
   T log_rob() const { return is_gamma ? -softplus(-weight) : std::log(weight); }
 
-  Vec a(int64_t k, int64_t n) const { return Vec::loadu(g + k, n) + Vec(log_std() - lse_g()); }
-  Vec b(int64_t k, int64_t n) const { return Vec::loadu(h + k, n) + Vec(log_rob() - lse_h()); }
-  Vec m(int64_t k, int64_t n) const {
-    return Vec(coef_g) * Vec::loadu(exp_g + k, n) + Vec(coef_h) * Vec::loadu(exp_h + k, n);
+  Vec mixed(int64_t k) const {
+    return at::vec::fmadd(Vec(coef_g), Vec::loadu(exp_g + k), Vec(coef_h) * Vec::loadu(exp_h + k));
+  }
+  // Lanes of the first n whose mixed probability is tiny (all bits set), others 0.
+  Vec tiny_lanes(const Vec& m, int64_t n) const {
+    return first_lanes(Vec(m < Vec(kLinearFloor<T>)), n);
+  }
+
+  // z_k = logaddexp(a_k, b_k) where m_k is tiny.
+  C10_NOINLINE void exact_log_where_tiny(T* z) const {
+    const Vec lp_shift(log_std() - lse_g()), lq_shift(log_rob() - lse_h());
+    for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
+      const Vec m = mixed(k);
+      if (!any_below(m, kLinearFloor<T>, n)) return;
+      const Vec a = at::vec::fmadd(Vec::loadu(g + k, n), Vec(s_g), lp_shift);
+      const Vec b = at::vec::fmadd(Vec::loadu(h + k, n), Vec(s_h), lq_shift);
+      Vec::blendv(Vec::loadu(z + k, n), log_add_exp(a, b), tiny_lanes(m, n)).store(z + k, n);
+    });
+  }
+
+  // Where m_k is tiny, u_k w_k and u_k (1 - w_k) with w_k = sigmoid(a_k - b_k), added into ug
+  // and uh (which hold 0 there); returns their sums and that of u_k d z_k / d alpha.
+  C10_NOINLINE TinyShares<T> exact_shares_where_tiny(const T* u, T* ug, T* uh,
+                                                     bool alpha_grad) const {
+    const T lse_std = lse_g(), lse_rob = lse_h(), log_w_std = log_std(), log_w_rob = log_rob();
+    Vec sum_ug(0), sum_uh(0), sum_dalpha(0);
+    for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
+      const Vec m = mixed(k);
+      if (!any_below(m, kLinearFloor<T>, n)) return;
+      const Vec tiny = tiny_lanes(m, n), uk = Vec::loadu(u + k, n);
+      const Vec lp = at::vec::fmadd(Vec::loadu(g + k, n), Vec(s_g), Vec(-lse_std));
+      const Vec lq = at::vec::fmadd(Vec::loadu(h + k, n), Vec(s_h), Vec(-lse_rob));
+      const Vec a = lp + Vec(log_w_std), b = lq + Vec(log_w_rob);
+      const Vec e = (a - b).abs().neg().exp_u20(), big = (Vec(1) + e).reciprocal();
+      const Vec small = e * big, g_wins = a >= b;
+      const Vec ug_k = Vec::blendv(Vec(0), uk * Vec::blendv(small, big, g_wins), tiny);
+      const Vec uh_k = Vec::blendv(Vec(0), uk * Vec::blendv(big, small, g_wins), tiny);
+      (Vec::loadu(ug + k) + ug_k).store(ug + k);
+      (Vec::loadu(uh + k) + uh_k).store(uh + k);
+      sum_ug += ug_k;
+      sum_uh += uh_k;
+      if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
+        const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
+        const Vec dalpha = uk * ((lq - z).exp() - (lp - z).exp());
+        sum_dalpha += Vec::blendv(Vec(0), dalpha, tiny & (uk != Vec(0)));
+      }
+    });
+    return {reduce_add(sum_ug), reduce_add(sum_uh), reduce_add(sum_dalpha)};
   }
 };
 
-// logaddexp(a, b) = max + log1p(exp(-|a - b|)); exact when one side is -inf (a weight of 0).
-template <typename Vec>
-Vec log_add_exp(Vec a, Vec b) {
-  return at::vec::maximum(a, b) + log1p_unit((a - b).abs().neg().exp_u20());
+// fp32 / fp64 results go straight into the output row; half types through an opmath buffer.
+template <typename scalar_t, typename T>
+T* dst_as_opmath(scalar_t* dst, T* buf) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename T>
+void narrow_row(const T* src, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, T>) at::vec::convert(src, dst, n);
 }
 
 template <typename scalar_t>
@@ -165,26 +224,29 @@ bool mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Te
 
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
     Row<T> row(C, 1);
-    T* z = row.scratch(0, C);
     for (int64_t r = begin; r < end; ++r) {
       const T weight = T(w_ptr[r * w_stride]);
       if (!is_gamma && !(weight >= T(0) && weight <= T(1))) bad_alpha = true;
-      row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), weight, is_gamma);
-      for (int64_t k = 0; k < C; k += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec m = row.m(k, n), tiny = m < Vec(kLinearFloor<T>);
-        Vec zk = m.log();
-        if (lanes_set(tiny, n)) zk = Vec::blendv(zk, log_add_exp(row.a(k, n), row.b(k, n)), tiny);
-        zk.store(z + k, n);
-      }
-      at::vec::convert(z, out_ptr + r * C, C);
+      row.load(g_ptr + r * C, h_ptr + r * C, T(s_g), T(s_h), weight, is_gamma);
+      T* z = dst_as_opmath(out_ptr + r * C, row.scratch(0));
+      const T *eg = row.exp_g, *eh = row.exp_h;
+      const Vec coef_g(row.coef_g), coef_h(row.coef_h);
+      bool tiny = false;
+      for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
+        const Vec m = at::vec::fmadd(coef_g, Vec::loadu(eg + k), coef_h * Vec::loadu(eh + k));
+        tiny |= any_below(m, kLinearFloor<T>, n);
+        log_pos(m).store(z + k, n);
+      });
+      if (tiny) row.exact_log_where_tiny(z);
+      narrow_row(z, out_ptr + r * C, C);
     }
   });
   return !bad_alpha;
 }
 
 // With r_k = u_k / m_k: u_k w_k = r_k (1 - alpha) p_k, u_k (1 - w_k) = r_k alpha q_k and
-// d z_k / d alpha = (q_k - p_k) / m_k.
+// d z_k / d alpha = (q_k - p_k) / m_k. Tiny classes get r_k = 0 here and their exact terms
+// from exact_shares_where_tiny.
 template <typename scalar_t>
 void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at::Tensor& h,
                            const at::Tensor& w, at::Tensor& grad_g, at::Tensor& grad_h,
@@ -200,71 +262,58 @@ void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at
   scalar_t* gg_ptr = grad_g.mutable_data_ptr<scalar_t>();
   scalar_t* gh_ptr = grad_h.mutable_data_ptr<scalar_t>();
   scalar_t* gw_ptr = grad_w.mutable_data_ptr<scalar_t>();
-  const bool alpha_grad = weight_grad && !is_gamma;
-  const auto total = [](const Vec& v) {
-    return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
-  };
 
   at::parallel_for(0, B, grain_rows(C), [&](int64_t begin, int64_t end) {
+    const bool alpha_grad = weight_grad && !is_gamma;
     Row<T> row(C, 3);
-    T* u_buf = row.scratch(0, C);
-    T* grad_g_buf = row.scratch(1, C);  // u_k w_k, then dL/dg
-    T* grad_h_buf = row.scratch(2, C);  // u_k (1 - w_k), then dL/dh
+    T* u_buf = row.scratch(0);
+    T* ug = row.scratch(1);  // u_k w_k, then dL/dg for half types
+    T* uh = row.scratch(2);  // u_k (1 - w_k), then dL/dh
     for (int64_t r = begin; r < end; ++r) {
-      row.load(g_ptr + r * C, h_ptr + r * C, C, T(s_g), T(s_h), T(w_ptr[r * w_stride]), is_gamma);
+      row.load(g_ptr + r * C, h_ptr + r * C, T(s_g), T(s_h), T(w_ptr[r * w_stride]), is_gamma);
       const T* u = src_as_opmath(u_ptr + r * C, u_buf, C);
+      const T *eg = row.exp_g, *eh = row.exp_h;
+      const Vec coef_g(row.coef_g), coef_h(row.coef_h);
       const Vec inv_sum_g(T(1) / row.sum_g), inv_sum_h(T(1) / row.sum_h);
       Vec sum_u(0), sum_ug(0), sum_uh(0), sum_dalpha(0);
-      // Pass 1: shares and the row sums. Past C, loadu pads u with 0: no contribution.
-      for (int64_t k = 0; k < C; k += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec uk = Vec::loadu(u + k, n);
-        const Vec pg = Vec(row.coef_g) * Vec::loadu(row.exp_g + k, n);  // (1 - alpha) p_k
-        const Vec ph = Vec(row.coef_h) * Vec::loadu(row.exp_h + k, n);  // alpha q_k
-        const Vec m = pg + ph, tiny = m < Vec(kLinearFloor<T>);
-        const Vec r_k = Vec::blendv(uk / m, Vec(0), uk == Vec(0));  // 0, not 0/0, past C
-        Vec ug = r_k * pg, uh = r_k * ph, dalpha(0);
-        if (alpha_grad) {
-          dalpha = r_k * (Vec::loadu(row.exp_h + k, n) * inv_sum_h -
-                          Vec::loadu(row.exp_g + k, n) * inv_sum_g);
-        }
-        if (lanes_set(tiny, n)) {  // log space: w_k = sigmoid(a_k - b_k)
-          const Vec a = row.a(k, n), b = row.b(k, n);
-          const Vec e = (a - b).abs().neg().exp_u20(), big = (Vec(1) + e).reciprocal();
-          const Vec small = e * big, g_wins = a >= b;
-          ug = Vec::blendv(ug, uk * Vec::blendv(small, big, g_wins), tiny);
-          uh = Vec::blendv(uh, uk * Vec::blendv(big, small, g_wins), tiny);
-          if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
-            const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
-            const Vec lp = Vec::loadu(row.g + k, n) - Vec(row.lse_g());
-            const Vec lq = Vec::loadu(row.h + k, n) - Vec(row.lse_h());
-            const Vec exact = Vec::blendv(uk * ((lq - z).exp() - (lp - z).exp()), Vec(0),
-                                          uk == Vec(0));
-            dalpha = Vec::blendv(dalpha, exact, tiny);
-          }
-        }
-        ug.store(grad_g_buf + k, n);
-        uh.store(grad_h_buf + k, n);
+      bool tiny = false;
+      // Pass 1: shares and the row sums. Past C, u loads as 0 and r_k is 0: no contribution.
+      for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
+        const Vec uk = Vec::loadu(u + k, n), eg_k = Vec::loadu(eg + k), eh_k = Vec::loadu(eh + k);
+        const Vec pg = coef_g * eg_k, ph = coef_h * eh_k;  // (1 - alpha) p_k, alpha q_k
+        const Vec m = pg + ph;
+        tiny |= any_below(m, kLinearFloor<T>, n);
+        const Vec r_k = div_above(uk, m, kLinearFloor<T>, n);
+        const Vec ug_k = r_k * pg, uh_k = r_k * ph;
+        ug_k.store(ug + k);
+        uh_k.store(uh + k);
         sum_u += uk;
-        sum_ug += ug;
-        sum_uh += uh;
-        sum_dalpha += dalpha;
+        sum_ug += ug_k;
+        sum_uh += uh_k;
+        if (alpha_grad) sum_dalpha += r_k * at::vec::fmsub(eh_k, inv_sum_h, eg_k * inv_sum_g);
+      });
+      T total_ug = reduce_add(sum_ug), total_uh = reduce_add(sum_uh);
+      T total_dalpha = alpha_grad ? reduce_add(sum_dalpha) : T(0);
+      const T total_u = is_gamma ? reduce_add(sum_u) : T(0);
+      if (tiny) {
+        const TinyShares<T> exact = row.exact_shares_where_tiny(u, ug, uh, alpha_grad);
+        total_ug += exact.ug;
+        total_uh += exact.uh;
+        total_dalpha += exact.dalpha;
       }
       // Pass 2: dL/dg_j = s_g (u_j w_j - p_j sum_k u_k w_k), likewise for h with 1 - w.
-      const Vec cg(total(sum_ug) * T(s_g) / row.sum_g), ch(total(sum_uh) * T(s_h) / row.sum_h);
-      const Vec sg(static_cast<T>(s_g)), sh(static_cast<T>(s_h));
-      for (int64_t k = 0; k < C; k += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), C - k);
-        const Vec dg = sg * Vec::loadu(grad_g_buf + k, n) - cg * Vec::loadu(row.exp_g + k, n);
-        const Vec dh = sh * Vec::loadu(grad_h_buf + k, n) - ch * Vec::loadu(row.exp_h + k, n);
-        dg.store(grad_g_buf + k, n);
-        dh.store(grad_h_buf + k, n);
-      }
-      at::vec::convert(grad_g_buf, gg_ptr + r * C, C);
-      at::vec::convert(grad_h_buf, gh_ptr + r * C, C);
+      const Vec cg(total_ug * row.s_g / row.sum_g), ch(total_uh * row.s_h / row.sum_h);
+      const Vec sg(row.s_g), sh(row.s_h);
+      T* dg = dst_as_opmath(gg_ptr + r * C, ug);
+      T* dh = dst_as_opmath(gh_ptr + r * C, uh);
+      for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
+        at::vec::fmsub(sg, Vec::loadu(ug + k), cg * Vec::loadu(eg + k)).store(dg + k, n);
+        at::vec::fmsub(sh, Vec::loadu(uh + k), ch * Vec::loadu(eh + k)).store(dh + k, n);
+      });
+      narrow_row(dg, gg_ptr + r * C, C);
+      narrow_row(dh, gh_ptr + r * C, C);
       // dL/dgamma = sum_k u_k (1 - w_k - alpha).
-      const T d_weight = is_gamma ? total(sum_uh) - row.weight_rob * total(sum_u)
-                                  : (alpha_grad ? total(sum_dalpha) : T(0));
+      const T d_weight = is_gamma ? total_uh - row.weight_rob * total_u : total_dalpha;
       gw_ptr[r] = static_cast<scalar_t>(d_weight);
     }
   });
