@@ -217,6 +217,27 @@ def test_extreme_logits_stay_finite_where_naive_fails(device, dtype, case):
     assert fused_g.grad[:, 3].abs().max() > 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [1, 3, 17, 100])
+def test_shift_invariance_far_from_zero(device, dtype, classes):
+    """Softmaxes ignore a shift of the logits, so the mix must too, even where every logit of a
+    row lies hundreds below (or above) zero: outputs and gradients as on the unshifted row."""
+    g = torch.randn(33, classes, device=device, dtype=dtype)
+    h = torch.randn(33, classes, device=device, dtype=dtype)
+    alpha, u = make_alpha("random", 33, dtype, device), torch.randn_like(g)
+    for shift in (-300.0, 300.0):
+        # Exactly representable shifted logits, whose unshifted values the reference gets.
+        gs, hs = (g + shift).requires_grad_(), (h - shift / 2).requires_grad_()
+        a = alpha.clone().requires_grad_()
+        out = mix(gs, hs, a, 0.5, 2.0)
+        out.backward(u)
+        unshifted = (gs.detach().double() - shift, hs.detach().double() + shift / 2, a)
+        expected = reference_grads(mix_reference, *unshifted, u, std_scale=0.5, rob_scale=2.0)
+        for got, want in zip((out, gs.grad, hs.grad, a.grad), expected, strict=True):
+            assert torch.isfinite(got).all()
+            assert_close(got, want, dtype, scale=classes**0.5)
+
+
 def test_gradcheck_logits_alpha_gamma(device):
     g = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
     h = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)

@@ -116,13 +116,15 @@ struct Row {
     // s > 0, so max(s x) = s max(x), rounding included.
     const T mg = scale_g * reduce_max(vmax_g), mh = scale_h * reduce_max(vmax_h);
     Vec acc_g(0), acc_h(0);
+    // Lanes past C must hold 0: they are multiplied by a zero gradient later, and there the
+    // exp of the padding (0 - max) could be inf (max < -88) and 0 * inf NaN.
     for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
-      const Vec eg = exp_affine(Vec::loadu(gx + k, n), scale_g, -mg);
-      const Vec eh = exp_affine(Vec::loadu(hx + k, n), scale_h, -mh);
+      const Vec eg = first_lanes(exp_affine(Vec::loadu(gx + k, n), scale_g, -mg), n);
+      const Vec eh = first_lanes(exp_affine(Vec::loadu(hx + k, n), scale_h, -mh), n);
       eg.store(eg_out + k);
       eh.store(eh_out + k);
-      acc_g += first_lanes(eg, n);
-      acc_h += first_lanes(eh, n);
+      acc_g += eg;
+      acc_h += eh;
     });
     s_g = scale_g;
     s_h = scale_h;
