@@ -46,6 +46,13 @@ def mix(
     log-softmax of ``g`` / ``h``. The result is normalised (``logsumexp = 0``) and can replace
     a model's logits anywhere, cross-entropy and attacks included.
 
+    ``-inf`` logits are allowed (masked classes). A class whose mixed probability is exactly 0
+    (``g_k = h_k = -inf``, or ``g_k = -inf`` with ``α = 0``, or ``h_k = -inf`` with ``α = 1``)
+    gets ``z_k = -inf`` and is treated as absent: its upstream gradient counts as 0, so it gets
+    zero gradient and adds nothing to the other classes' gradients or to ``∂L/∂α`` (``∂L/∂γ``
+    for :func:`mix_gamma`). The other classes' outputs and gradients are those of the row
+    without it. ``+inf`` or NaN logits may give NaN.
+
     Args:
         std_logits: ``[B, C]`` logits of the accurate model ``g``.
         rob_logits: ``[B, C]`` logits of the robust model ``h`` (same dtype and device).

@@ -392,3 +392,78 @@ def test_build_info():
     assert isinstance(info["cuda"], bool)
     if info["cuda"]:
         assert "9.0" in info["cuda_archs"]
+
+
+# Classes with mixed probability exactly 0 (a_k = b_k = -inf) are absent: z_k = -inf, zero
+# gradient, and no effect on the other classes, whose values are those of the row without them.
+WEIGHTS = {
+    "alpha=0": (mix, 0.0),
+    "alpha=0.3": (mix, 0.3),
+    "alpha=1": (mix, 1.0),
+    "gamma=-inf": (mix_gamma, -float("inf")),
+    "gamma=1.5": (mix_gamma, 1.5),
+    "gamma=+inf": (mix_gamma, float("inf")),
+}
+
+
+def mix_and_grads(op, g, h, w, grad_out):
+    g, h, w = (t.detach().clone().requires_grad_() for t in (g, h, w))
+    out = op(g, h, w, 0.7, 1.3)
+    out.backward(grad_out)
+    return out.detach(), g.grad, h.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [6, 100, 2000])  # 2000: the CUDA block kernel
+@pytest.mark.parametrize("weight", list(WEIGHTS))
+def test_masked_classes_are_absent(device, dtype, classes, weight):
+    op, value = WEIGHTS[weight]
+    masked = sorted({0, 2, 3, classes - 1} | set(range(9, classes - 1, 7)))
+    keep = [k for k in range(classes) if k not in masked]
+    g = (3 * torch.randn(5, classes, device=device)).to(dtype)
+    h = (3 * torch.randn(5, classes, device=device)).to(dtype)
+    g[:, masked] = h[:, masked] = -float("inf")
+    w = torch.full((5,), value, device=device, dtype=dtype)
+    grad_out = torch.randn(5, classes, device=device).to(dtype)  # nonzero at masked classes too
+
+    out, gg, gh, gw = mix_and_grads(op, g, h, w, grad_out)
+    sub, sg, sh, sw = mix_and_grads(op, g[:, keep], h[:, keep], w, grad_out[:, keep])
+    assert (out[:, masked] == -float("inf")).all()
+    assert torch.isfinite(out[:, keep]).all()
+    assert_close(out[:, keep], sub.double(), dtype)
+    for full, removed in ((gg, sg), (gh, sh)):
+        assert (full[:, masked] == 0).all()
+        assert_close(full[:, keep], removed.double(), dtype, scale=max(1.0, classes**0.5 / 10))
+    assert not gw.isnan().any()  # dL/dalpha may overflow fp16 at alpha = 0, 1, as the true one
+    assert_close(gw, sw.double(), dtype, scale=max(1.0, classes**0.5 / 10, sw.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [6, 2000])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_endpoint_alpha_with_neg_inf_logits_is_log_softmax(device, dtype, classes, alpha):
+    """alpha = 0 with g_k = -inf (h_k finite) gives log_softmax(s_g g), -inf included; likewise
+    alpha = 1 with h_k = -inf. Those classes get zero gradient and count as absent in dL/dalpha."""
+    masked = [1, classes // 2, classes - 1]
+    logits = (3 * torch.randn(2, 4, classes, device=device)).to(dtype)
+    logits[1 if alpha else 0][:, masked] = -float("inf")
+    g, h = logits
+    a = torch.full((4,), alpha, device=device, dtype=dtype)
+    grad_out = torch.randn(4, classes, device=device).to(dtype)
+    out, gg, gh, ga = mix_and_grads(mix, g, h, a, grad_out)
+
+    own, other, s_own, s_other = (h, g, 1.3, 0.7) if alpha else (g, h, 0.7, 1.3)
+    own64 = own.double().requires_grad_()
+    expected = F.log_softmax(s_own * own64, -1)
+    assert (out[:, masked] == -float("inf")).all()
+    assert_close(out, expected.detach(), dtype)
+    u = torch.where(torch.isinf(expected), 0, grad_out.double())  # absent classes: u_k = 0
+    expected.backward(u)
+    (grad_own, grad_other) = (gh, gg) if alpha else (gg, gh)
+    assert (grad_own[:, masked] == 0).all() and (grad_other == 0).all()
+    assert_close(grad_own, own64.grad, dtype, scale=max(1.0, classes**0.5 / 10))
+    # dL/dalpha = sum_k u_k (q_k - p_k) / m_k over the present classes, m = the own softmax.
+    lo = F.log_softmax(s_other * other.double(), -1)
+    ratio = torch.where(torch.isinf(expected), 0, torch.exp(lo - expected.detach()) - 1)
+    ga_expected = (u * ratio).sum(-1) * (-1 if alpha else 1)
+    assert_close(ga, ga_expected, dtype, scale=max(1.0, ga_expected.abs().max().item()))

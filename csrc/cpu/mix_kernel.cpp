@@ -54,10 +54,15 @@ at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& x) {
   }
 }
 
-// logaddexp(a, b) = max + log1p(exp(-|a - b|)); exact when one side is -inf (a weight of 0).
+// logaddexp(a, b) = max + log1p(exp(-|a - b|)); exact when one side is -inf (a weight of 0),
+// and -inf, not NaN, when both are: a class of mixed probability exactly 0, absent (see
+// exact_shares_where_tiny).
 template <typename Vec>
 Vec log_add_exp(Vec a, Vec b) {
-  return at::vec::maximum(a, b) + log1p_unit((a - b).abs().neg().exp_u20());
+  const Vec hi = at::vec::maximum(a, b);
+  const Vec sum = hi + log1p_unit((a - b).abs().neg().exp_u20());
+  using T = typename Vec::value_type;
+  return Vec::blendv(sum, hi, hi == Vec(-std::numeric_limits<T>::infinity()));
 }
 
 // Below this, the mixed probability m_k = (1 - alpha) p_k + alpha q_k may have lost terms that
@@ -65,10 +70,11 @@ Vec log_add_exp(Vec a, Vec b) {
 template <typename T>
 constexpr T kLinearFloor = T(7.888609052210118e-31);  // 2^-100
 
-// Sums over a row's tiny classes of u_k w_k, u_k (1 - w_k) and u_k d z_k / d alpha.
+// Sums over a row's tiny classes of u_k w_k, u_k (1 - w_k) and u_k d z_k / d alpha, and the
+// sum of u_k over the row's present classes (gamma rows only).
 template <typename T>
 struct TinyShares {
-  T ug = 0, uh = 0, dalpha = 0;
+  T ug = 0, uh = 0, dalpha = 0, u = 0;
 };
 
 // One row of the mixture. The logits are read in place (fp32 / fp64) or widened once (half
@@ -167,33 +173,47 @@ struct Row {
   }
 
   // Where m_k is tiny, u_k w_k and u_k (1 - w_k) with w_k = sigmoid(a_k - b_k), added into ug
-  // and uh (which hold 0 there); returns their sums and that of u_k d z_k / d alpha.
+  // and uh (which hold 0 there); returns their sums, that of u_k d z_k / d alpha and, for gamma
+  // rows, sum_k u_k over the present classes (the pass-1 sum in the same order when none is
+  // absent, so bit for bit the same).
+  //
+  // Absent classes: a_k = b_k = -inf (a mixed probability of exactly 0: g_k = h_k = -inf, or
+  // alpha = 0 with g_k = -inf, or alpha = 1 with h_k = -inf) have z_k = -inf and count as
+  // u_k = 0: no share (their dL/dg_k = dL/dh_k = 0, as p_k or q_k is 0 or enters with weight 0),
+  // no term in dL/dalpha, sum u or dL/dgamma. The other classes thus get the gradients of the
+  // row without them. Such classes are always tiny, so this costs the fast path nothing.
   C10_NOINLINE TinyShares<T> exact_shares_where_tiny(const T* u, T* ug, T* uh,
                                                      bool alpha_grad) const {
     const T lse_std = lse_g(), lse_rob = lse_h(), log_w_std = log_std(), log_w_rob = log_rob();
-    Vec sum_ug(0), sum_uh(0), sum_dalpha(0);
+    const Vec neg_inf(-std::numeric_limits<T>::infinity());
+    Vec sum_ug(0), sum_uh(0), sum_dalpha(0), sum_u(0);
     for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
-      const Vec m = mixed(k);
-      if (!any_below(m, kLinearFloor<T>, n)) return;
-      const Vec tiny = tiny_lanes(m, n), uk = Vec::loadu(u + k, n);
+      const Vec m = mixed(k), uk = Vec::loadu(u + k, n);
+      if (!any_below(m, kLinearFloor<T>, n)) {
+        if (is_gamma) sum_u += uk;
+        return;
+      }
       const Vec lp = at::vec::fmadd(Vec::loadu(g + k, n), Vec(s_g), Vec(-lse_std));
       const Vec lq = at::vec::fmadd(Vec::loadu(h + k, n), Vec(s_h), Vec(-lse_rob));
       const Vec a = lp + Vec(log_w_std), b = lq + Vec(log_w_rob);
+      const Vec tiny = tiny_lanes(m, n), absent = tiny & (at::vec::maximum(a, b) == neg_inf);
+      const Vec exact = Vec::blendv(tiny, Vec(0), absent);  // tiny and present
       const Vec e = (a - b).abs().neg().exp_u20(), big = (Vec(1) + e).reciprocal();
       const Vec small = e * big, g_wins = a >= b;
-      const Vec ug_k = Vec::blendv(Vec(0), uk * Vec::blendv(small, big, g_wins), tiny);
-      const Vec uh_k = Vec::blendv(Vec(0), uk * Vec::blendv(big, small, g_wins), tiny);
+      const Vec ug_k = Vec::blendv(Vec(0), uk * Vec::blendv(small, big, g_wins), exact);
+      const Vec uh_k = Vec::blendv(Vec(0), uk * Vec::blendv(big, small, g_wins), exact);
       (Vec::loadu(ug + k) + ug_k).store(ug + k);
       (Vec::loadu(uh + k) + uh_k).store(uh + k);
       sum_ug += ug_k;
       sum_uh += uh_k;
+      if (is_gamma) sum_u += Vec::blendv(uk, Vec(0), absent);
       if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
         const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
         const Vec dalpha = uk * ((lq - z).exp() - (lp - z).exp());
-        sum_dalpha += Vec::blendv(Vec(0), dalpha, tiny & (uk != Vec(0)));
+        sum_dalpha += Vec::blendv(Vec(0), dalpha, exact & (uk != Vec(0)));
       }
     });
-    return {reduce_add(sum_ug), reduce_add(sum_uh), reduce_add(sum_dalpha)};
+    return {reduce_add(sum_ug), reduce_add(sum_uh), reduce_add(sum_dalpha), reduce_add(sum_u)};
   }
 };
 
@@ -248,7 +268,7 @@ bool mix_forward_cpu_impl(const at::Tensor& g, const at::Tensor& h, const at::Te
 
 // With r_k = u_k / m_k: u_k w_k = r_k (1 - alpha) p_k, u_k (1 - w_k) = r_k alpha q_k and
 // d z_k / d alpha = (q_k - p_k) / m_k. Tiny classes get r_k = 0 here and their exact terms
-// from exact_shares_where_tiny.
+// from exact_shares_where_tiny, which also drops absent classes (m_k = 0) from sum u.
 template <typename scalar_t>
 void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at::Tensor& h,
                            const at::Tensor& w, at::Tensor& grad_g, at::Tensor& grad_h,
@@ -296,12 +316,13 @@ void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at
       });
       T total_ug = reduce_add(sum_ug), total_uh = reduce_add(sum_uh);
       T total_dalpha = alpha_grad ? reduce_add(sum_dalpha) : T(0);
-      const T total_u = is_gamma ? reduce_add(sum_u) : T(0);
-      if (tiny) {
+      T total_u = is_gamma ? reduce_add(sum_u) : T(0);
+      if (tiny) {  // exact shares, and absent classes (m_k = 0) dropped from the row sums
         const TinyShares<T> exact = row.exact_shares_where_tiny(u, ug, uh, alpha_grad);
         total_ug += exact.ug;
         total_uh += exact.uh;
         total_dalpha += exact.dalpha;
+        if (is_gamma) total_u = exact.u;
       }
       // Pass 2: dL/dg_j = s_g (u_j w_j - p_j sum_k u_k w_k), likewise for h with 1 - w.
       const Vec cg(total_ug * row.s_g / row.sum_g), ch(total_uh * row.s_h / row.sum_h);

@@ -31,6 +31,12 @@ __device__ __forceinline__ T chunk_lse(const T (&x)[N], int width) {
   return m + log(group_reduce(s, width, Sum()));
 }
 
+// Absent classes: a_k = b_k = -inf (a mixed probability of exactly 0: g_k = h_k = -inf, or
+// alpha = 0 with g_k = -inf, or alpha = 1 with h_k = -inf) get z_k = -inf and count as u_k = 0
+// in backward: no share w_k, no term in dL/dalpha, sum u or dL/dgamma, hence zero gradients of
+// their own and none on the other classes, which get the gradients of the row without them.
+// Selects on z_k == -inf, which finite logits never take.
+
 // Per-row state shared by both directions: log(1 - a) - lse_g and log(a) - lse_h.
 template <typename T>
 struct RowShift {
@@ -99,15 +105,17 @@ __global__ void mix_backward_warp_kernel(const scalar_t* __restrict__ grad,
     if (start + i >= C) continue;  // padding: -inf logits would give NaN shares
     const T lp = gs[i] - lse_g, lq = hs[i] - lse_h;
     const T a = lp + log_std, b = lq + log_rob, z = log_add_exp(a, b);
-    const T wg = exp(a - z), wh = exp(b - z);
-    if (alpha_grad && u[i] != T(0)) sum_dalpha += u[i] * (exp(lq - z) - exp(lp - z));
-    sum_u += u[i];
-    sum_ug += u[i] * wg;
-    sum_uh += u[i] * wh;
+    const bool absent = z == neg_inf<T>();  // see "Absent classes" above
+    const T uk = absent ? T(0) : u[i];
+    const T wg = absent ? T(0) : exp(a - z), wh = absent ? T(0) : exp(b - z);
+    if (alpha_grad && uk != T(0)) sum_dalpha += uk * (exp(lq - z) - exp(lp - z));
+    sum_u += uk;
+    sum_ug += uk * wg;
+    sum_uh += uk * wh;
     gs[i] = exp(lp);  // p
     hs[i] = exp(lq);  // q
-    ug[i] = u[i] * wg;
-    u[i] *= wh;
+    ug[i] = uk * wg;
+    u[i] = uk * wh;
   }
   sum_u = group_reduce(sum_u, width, Sum());
   sum_ug = group_reduce(sum_ug, width, Sum());
@@ -203,13 +211,17 @@ __global__ void mix_backward_block_kernel(const scalar_t* __restrict__ grad,
   block_row_lse<VEC>(g, h, C, aligned, s_g, s_h, smem, lse_g, lse_h);
   log_weights(static_cast<T>(w[r * w_stride]), is_gamma, log_std, log_rob);
 
-  // Shares of g and h in each class's mixed probability, from the recomputed z.
-  const auto shares = [&](T x, T y, T& lp, T& lq, T& z, T& wg, T& wh) {
+  // Shares of g and h in each class's mixed probability, from the recomputed z; an absent
+  // class (see above) gets u = 0 and no share.
+  const auto shares = [&](T x, T y, T& u, T& lp, T& lq, T& z, T& wg, T& wh) {
     lp = x - lse_g;
     lq = y - lse_h;
-    z = log_add_exp(lp + log_std, lq + log_rob);
-    wg = exp(lp + log_std - z);
-    wh = exp(lq + log_rob - z);
+    const T a = lp + log_std, b = lq + log_rob;
+    z = log_add_exp(a, b);
+    const bool absent = z == neg_inf<T>();
+    u = absent ? T(0) : u;
+    wg = absent ? T(0) : exp(a - z);
+    wh = absent ? T(0) : exp(b - z);
   };
 
   T sum_u = 0, sum_ug = 0, sum_uh = 0, sum_dalpha = 0;
@@ -221,7 +233,7 @@ __global__ void mix_backward_block_kernel(const scalar_t* __restrict__ grad,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       T lp, lq, z, wg, wh;
-      shares(x[j], y[j], lp, lq, z, wg, wh);
+      shares(x[j], y[j], u[j], lp, lq, z, wg, wh);
       if (alpha_grad && u[j] != T(0)) sum_dalpha += u[j] * (exp(lq - z) - exp(lp - z));
       sum_u += u[j];
       sum_ug += u[j] * wg;
@@ -241,7 +253,7 @@ __global__ void mix_backward_block_kernel(const scalar_t* __restrict__ grad,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       T lp, lq, z, wg, wh;
-      shares(x[j], y[j], lp, lq, z, wg, wh);
+      shares(x[j], y[j], u[j], lp, lq, z, wg, wh);
       x[j] = s_g * (u[j] * wg - exp(lp) * sum_ug);
       y[j] = s_h * (u[j] * wh - exp(lq) * sum_uh);
     }

@@ -72,7 +72,7 @@ struct LogSumExp {
     if (x > max) {
       sum = sum * exp(max - x) + T(1);
       max = x;
-    } else {
+    } else if (x != neg_inf<T>()) {  // -inf adds 0; exp(-inf - -inf) would be NaN
       sum += exp(x - max);
     }
   }
@@ -96,11 +96,13 @@ struct LogSumExp {
   }
 };
 
-// logaddexp(a, b), exact when one side is -inf (a mixing weight of 0 or 1).
+// logaddexp(a, b), exact when one side is -inf (a mixing weight of 0 or 1), and -inf, not NaN,
+// when both are (a class of mixed probability exactly 0). A NaN side still gives NaN.
 template <typename T>
 __device__ __forceinline__ T log_add_exp(T a, T b) {
   const T m = a > b ? a : b;
-  return m + log1p(exp(-fabs(a - b)));
+  const bool both_neg_inf = a == neg_inf<T>() && b == neg_inf<T>();
+  return both_neg_inf ? a : m + log1p(exp(-fabs(a - b)));
 }
 
 template <typename T>
