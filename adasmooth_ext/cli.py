@@ -101,7 +101,8 @@ def _scales(args: argparse.Namespace, trained: dict | None = None) -> dict[str, 
 def _adaptive(args: argparse.Namespace, g: nn.Module, h: nn.Module) -> MixedClassifier:
     """The adaptive mix of ``--policy``, with the α range and temperatures it was trained for."""
     policy, mixing = load_policy(args.policy, args.device)
-    return MixedClassifier(g, h, policy=policy, **mixing | _scales(args, mixing))
+    _scales(args, mixing)  # flags may only repeat the policy's temperatures
+    return MixedClassifier(g, h, policy=policy, **mixing)
 
 
 def _mixed(args: argparse.Namespace, g: nn.Module, h: nn.Module) -> MixedClassifier:
@@ -442,9 +443,9 @@ def _autoattack(args, model: nn.Module, loader, adaptive_w: float | None) -> Eva
 
 
 def _sweep(args, g: nn.Module, h: nn.Module, loader, alphas: Sequence[float]) -> list[dict]:
-    rows = []
+    rows, scales = [], _scales(args)
     for alpha in alphas:
-        model = MixedClassifier(g, h, alpha=alpha, **_scales(args))
+        model = MixedClassifier(g, h, alpha=alpha, **scales)
         attack = PGD(eps=args.eps, steps=20)
         table = evaluate(model, loader, [attack], progress=False)
         rows.append(

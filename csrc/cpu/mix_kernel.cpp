@@ -70,11 +70,11 @@ Vec log_add_exp(Vec a, Vec b) {
 template <typename T>
 constexpr T kLinearFloor = T(7.888609052210118e-31);  // 2^-100
 
-// Sums over a row's tiny classes of u_k w_k, u_k (1 - w_k) and u_k d z_k / d alpha, and the
-// sum of u_k over the row's present classes (gamma rows only).
+// Sums over a row's tiny classes of u_k w_k, u_k (1 - w_k) and u_k d z_k / d alpha, and of
+// u_k over its absent classes (gamma rows only).
 template <typename T>
 struct TinyShares {
-  T ug = 0, uh = 0, dalpha = 0, u = 0;
+  T ug = 0, uh = 0, dalpha = 0, absent_u = 0;
 };
 
 // One row of the mixture. The logits are read in place (fp32 / fp64) or widened once (half
@@ -174,8 +174,7 @@ struct Row {
 
   // Where m_k is tiny, u_k w_k and u_k (1 - w_k) with w_k = sigmoid(a_k - b_k), added into ug
   // and uh (which hold 0 there); returns their sums, that of u_k d z_k / d alpha and, for gamma
-  // rows, sum_k u_k over the present classes (the pass-1 sum in the same order when none is
-  // absent, so bit for bit the same).
+  // rows, that of u_k over the absent classes (to take out of the row's sum u).
   //
   // Absent classes: a_k = b_k = -inf (a mixed probability of exactly 0: g_k = h_k = -inf, or
   // alpha = 0 with g_k = -inf, or alpha = 1 with h_k = -inf) have z_k = -inf and count as
@@ -186,13 +185,11 @@ struct Row {
                                                      bool alpha_grad) const {
     const T lse_std = lse_g(), lse_rob = lse_h(), log_w_std = log_std(), log_w_rob = log_rob();
     const Vec neg_inf(-std::numeric_limits<T>::infinity());
-    Vec sum_ug(0), sum_uh(0), sum_dalpha(0), sum_u(0);
+    Vec sum_ug(0), sum_uh(0), sum_dalpha(0), sum_absent_u(0);
     for_each_vec<Vec>(C, [&](int64_t k, int64_t n) {
-      const Vec m = mixed(k), uk = Vec::loadu(u + k, n);
-      if (!any_below(m, kLinearFloor<T>, n)) {
-        if (is_gamma) sum_u += uk;
-        return;
-      }
+      const Vec m = mixed(k);
+      if (!any_below(m, kLinearFloor<T>, n)) return;
+      const Vec uk = Vec::loadu(u + k, n);
       const Vec lp = at::vec::fmadd(Vec::loadu(g + k, n), Vec(s_g), Vec(-lse_std));
       const Vec lq = at::vec::fmadd(Vec::loadu(h + k, n), Vec(s_h), Vec(-lse_rob));
       const Vec a = lp + Vec(log_w_std), b = lq + Vec(log_w_rob);
@@ -206,14 +203,15 @@ struct Row {
       (Vec::loadu(uh + k) + uh_k).store(uh + k);
       sum_ug += ug_k;
       sum_uh += uh_k;
-      if (is_gamma) sum_u += Vec::blendv(uk, Vec(0), absent);
+      if (is_gamma) sum_absent_u += Vec::blendv(Vec(0), uk, absent);
       if (alpha_grad) {  // d z_k / d alpha = exp(lq_k - z_k) - exp(lp_k - z_k)
         const Vec z = at::vec::maximum(a, b) + log1p_unit(e);
         const Vec dalpha = uk * ((lq - z).exp() - (lp - z).exp());
         sum_dalpha += Vec::blendv(Vec(0), dalpha, exact & (uk != Vec(0)));
       }
     });
-    return {reduce_add(sum_ug), reduce_add(sum_uh), reduce_add(sum_dalpha), reduce_add(sum_u)};
+    return {reduce_add(sum_ug), reduce_add(sum_uh), reduce_add(sum_dalpha),
+            reduce_add(sum_absent_u)};
   }
 };
 
@@ -322,7 +320,7 @@ void mix_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& g, const at
         total_ug += exact.ug;
         total_uh += exact.uh;
         total_dalpha += exact.dalpha;
-        if (is_gamma) total_u = exact.u;
+        total_u -= exact.absent_u;
       }
       // Pass 2: dL/dg_j = s_g (u_j w_j - p_j sum_k u_k w_k), likewise for h with 1 - w.
       const Vec cg(total_ug * row.s_g / row.sum_g), ch(total_uh * row.s_h / row.sum_h);

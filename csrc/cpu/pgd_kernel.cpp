@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "../pgd_checks.h"
+#include "row_math.h"
 
 namespace adasmooth {
 namespace {
@@ -25,17 +26,6 @@ int64_t grain_samples(int64_t n) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
 }
 
-// src as opmath T: in place when it already is, else converted into buf.
-template <typename T, typename src_t>
-const T* as_opmath(const src_t* src, T* buf, int64_t n) {
-  if constexpr (std::is_same_v<src_t, T>) {
-    return src;
-  } else {
-    at::vec::convert(src, buf, n);
-    return buf;
-  }
-}
-
 // One chunk of x, x0 and grad as opmath T; only half-precision inputs are staged in buffers.
 template <typename T>
 struct Chunk {
@@ -44,9 +34,9 @@ struct Chunk {
 
   template <typename scalar_t, typename grad_t>
   void load(const scalar_t* x_src, const scalar_t* x0_src, const grad_t* g_src, int64_t n) {
-    x = as_opmath(x_src, x_buf, n);
-    x0 = as_opmath(x0_src, x0_buf, n);
-    g = as_opmath(g_src, g_buf, n);
+    x = src_as_opmath(x_src, x_buf, n);
+    x0 = src_as_opmath(x0_src, x0_buf, n);
+    g = src_as_opmath(g_src, g_buf, n);
   }
 };
 
